@@ -1,0 +1,354 @@
+"""The tensor wire formats: safetensors bodies and JSON bodies, one codec for server and SDK.
+
+Decoding never copies tensor bytes: a decoded tensor is a memoryview into the request body,
+so the server can hand it to ``torch.frombuffer``. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SAFETENSORS_TYPE = "application/octet-stream"
+JSON_TYPE = "application/json"
+TENSOR_TYPES = (SAFETENSORS_TYPE, JSON_TYPE)
+
+# safetensors dtype codes <-> our names (torch's names). Every code safetensors defines is
+# accepted by the decoder, so a well-formed body of, say, int32 is a 422, not a 400.
+_CODE_TO_NAME = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "C64": "complex64",
+}
+_NAME_TO_CODE = {v: k for k, v in _CODE_TO_NAME.items()}
+ITEMSIZE = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+    "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "complex64": 8,
+}
+FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+_NUMPY_DTYPES = {
+    "float64": np.float64, "float32": np.float32, "float16": np.float16, "int64": np.int64,
+    "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint64": np.uint64,
+    "uint32": np.uint32, "uint16": np.uint16, "uint8": np.uint8, "bool": np.bool_,
+    "complex64": np.complex64,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+class WireError(ValueError):
+    """The body is not a well-formed tensor body (the API's 400)."""
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """One decoded tensor: raw little-endian bytes in row-major order, not yet copied."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def base_type(content_type: str | None) -> str:
+    """`application/json; charset=utf-8` -> `application/json`."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode(body: bytes | bytearray | memoryview, content_type: str
+           ) -> tuple[dict[str, WireTensor], dict[str, str] | None]:
+    """Decode a tensor body; returns the tensors and the safetensors metadata (JSON: None)."""
+    kind = base_type(content_type)
+    if kind == SAFETENSORS_TYPE:
+        return decode_safetensors(body)
+    if kind == JSON_TYPE:
+        return decode_json(body), None
+    raise WireError(f"unsupported content type {content_type!r}; use one of {TENSOR_TYPES}")
+
+
+def decode_safetensors(body: bytes | bytearray | memoryview
+                       ) -> tuple[dict[str, WireTensor], dict[str, str] | None]:
+    """Parse safetensors framing with the format's own validity rules, without copying."""
+    view = memoryview(body).cast("B")
+    if len(view) < 8:
+        raise WireError("safetensors body shorter than its 8-byte header length")
+    (n,) = struct.unpack_from("<Q", view, 0)
+    if n > _MAX_HEADER or 8 + n > len(view):
+        raise WireError(f"safetensors header length {n} exceeds the body ({len(view)} bytes)")
+    try:
+        header = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise WireError("safetensors __metadata__ must map strings to strings")
+    data = view[8 + n :]
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, WireTensor] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise WireError(f"tensor {name!r}: entry needs exactly dtype, shape, data_offsets")
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if code not in _CODE_TO_NAME:
+            raise WireError(f"tensor {name!r}: unknown safetensors dtype {code!r}")
+        shape_t = _check_shape(name, shape)
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise WireError(f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
+        dtype = _CODE_TO_NAME[code]
+        begin, end = offsets
+        if end - begin != math.prod(shape_t) * ITEMSIZE[dtype]:
+            raise WireError(
+                f"tensor {name!r}: {end - begin} bytes do not hold shape {list(shape_t)} "
+                f"of {dtype}"
+            )
+        spans.append((begin, end, name))
+        tensors[name] = WireTensor(dtype, shape_t, data[begin:end])
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise WireError(f"tensor {name!r}: data_offsets overlap or leave a gap")
+        pos = end
+    if pos != len(data):
+        raise WireError(f"safetensors data is {len(data)} bytes but the header covers {pos}")
+    return tensors, metadata
+
+
+def decode_json(body: bytes | bytearray | memoryview | str) -> dict[str, WireTensor]:
+    """Parse `{"tensors": {name: {dtype, shape, data}}}`."""
+    try:
+        doc = json.loads(body if isinstance(body, str) else bytes(body))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or set(doc) != {"tensors"} or not isinstance(doc["tensors"], dict):
+        raise WireError('JSON tensor body must be {"tensors": {name: {dtype, shape, data}}}')
+    out: dict[str, WireTensor] = {}
+    for name, info in doc["tensors"].items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data"}:
+            raise WireError(f"tensor {name!r}: needs exactly dtype, shape and data")
+        dtype, data = info["dtype"], info["data"]
+        if dtype not in ITEMSIZE or dtype == "complex64":
+            raise WireError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        shape = _check_shape(name, info["shape"])
+        if not isinstance(data, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in data
+        ):
+            raise WireError(f"tensor {name!r}: data must be a flat list of numbers")
+        if len(data) != math.prod(shape):
+            raise WireError(
+                f"tensor {name!r}: {len(data)} values do not fill shape {list(shape)}"
+            )
+        try:
+            raw = _from_float64(np.asarray(data, dtype=np.float64), dtype)
+        except (OverflowError, ValueError) as exc:
+            raise WireError(f"tensor {name!r}: {exc}") from None
+        out[name] = WireTensor(dtype, shape, memoryview(raw.reshape(-1)).cast("B"))
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise WireError(f"tensor {name!r}: shape must be a list of non-negative integers")
+    return tuple(shape)
+
+
+def _from_float64(values: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return float32_to_bfloat16_bits(values.astype(np.float32))
+    if dtype in _NUMPY_DTYPES:
+        return values.astype(_NUMPY_DTYPES[dtype])
+    raise ValueError(f"JSON bodies cannot carry {dtype}")
+
+
+# --------------------------------------------------------------------------- bfloat16
+
+
+def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest-even, as torch does); returns the uint16 bits."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def to_numpy(t: WireTensor) -> np.ndarray:
+    """A NumPy view of the bytes (read-only if the body was); bfloat16 widens to float32."""
+    if t.dtype == "bfloat16":
+        bits = np.frombuffer(t.data, dtype="<u2", count=t.numel)
+        return bfloat16_bits_to_float32(bits).reshape(t.shape)
+    if t.dtype not in _NUMPY_DTYPES:
+        raise TypeError(f"NumPy has no {t.dtype}")
+    return np.frombuffer(t.data, dtype=np.dtype(_NUMPY_DTYPES[t.dtype]).newbyteorder("<"),
+                         count=t.numel).reshape(t.shape)
+
+
+def to_torch(t: WireTensor, *, copy: bool = False) -> Any:
+    """A torch tensor over the body's bytes (zero copy unless `copy` or misaligned)."""
+    import torch
+
+    dtype = getattr(torch, t.dtype)
+    if t.numel == 0:
+        return torch.empty(t.shape, dtype=dtype)
+    itemsize = ITEMSIZE[t.dtype]
+    aligned = np.frombuffer(t.data, dtype=np.uint8).ctypes.data % itemsize == 0
+    if copy or not aligned or t.data.readonly:
+        # torch.frombuffer over read-only memory warns and would let writes corrupt the body;
+        # a read-only body is only ever read, so we silence that warning instead of copying.
+        if copy or not aligned:
+            return torch.frombuffer(bytearray(t.data), dtype=dtype).reshape(t.shape)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(t.data, dtype=dtype).reshape(t.shape)
+    return torch.frombuffer(t.data, dtype=dtype).reshape(t.shape)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _raw(value: Any) -> tuple[str, tuple[int, ...], memoryview]:
+    """dtype name, shape and a byte view of a numpy array, torch tensor or WireTensor."""
+    if isinstance(value, WireTensor):
+        return value.dtype, value.shape, value.data
+    if type(value).__module__.startswith("torch"):
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in _NAME_TO_CODE:
+            raise TypeError(f"cannot send a tensor of {t.dtype}")
+        shape = tuple(t.shape)
+        flat = t.reshape(-1)
+        if flat.numel() == 0:
+            return name, shape, memoryview(b"")
+        import torch
+
+        return name, shape, memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    arr = np.asarray(value)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    arr = np.ascontiguousarray(arr)
+    name = arr.dtype.name
+    if name not in _NAME_TO_CODE:
+        raise TypeError(f"cannot send an array of {arr.dtype}")
+    return name, tuple(arr.shape), memoryview(arr.reshape(-1).view(np.uint8)).cast("B")
+
+
+def encode_safetensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+                       ) -> bytes:
+    """Serialize to safetensors with one copy of each tensor's bytes (into the result)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    parts: list[memoryview] = []
+    offset = 0
+    for name, value in tensors.items():
+        dtype, shape, data = _raw(value)
+        header[name] = {
+            "dtype": _NAME_TO_CODE[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        offset += len(data)
+        parts.append(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    return b"".join([struct.pack("<Q", len(head)), head, *parts])
+
+
+def encode_json(tensors: Mapping[str, Any]) -> bytes:
+    out: dict[str, Any] = {}
+    for name, value in tensors.items():
+        dtype, shape, data = _raw(value)
+        arr = to_numpy(WireTensor(dtype, shape, data))
+        out[name] = {"dtype": dtype, "shape": list(shape), "data": arr.reshape(-1).tolist()}
+    return json.dumps({"tensors": out}).encode()
+
+
+def encode(tensors: Mapping[str, Any], content_type: str,
+           metadata: Mapping[str, str] | None = None) -> bytes:
+    kind = base_type(content_type)
+    if kind == SAFETENSORS_TYPE:
+        return encode_safetensors(tensors, metadata)
+    if kind == JSON_TYPE:
+        return encode_json(tensors)
+    raise ValueError(f"unsupported content type {content_type!r}")
+
+
+def negotiate(accept: str | None, default: str) -> str | None:
+    """Pick the response format from an Accept header; None if it names none we produce."""
+    if not accept or not accept.strip():
+        return default
+    best: tuple[float, int, str] | None = None
+    for i, item in enumerate(accept.split(",")):
+        parts = [p.strip() for p in item.split(";")]
+        media = parts[0].lower()
+        q = 1.0
+        for p in parts[1:]:
+            if p.lower().startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        if q <= 0:
+            continue
+        if media in ("*/*", "application/*"):
+            candidate = default
+        elif media in TENSOR_TYPES:
+            candidate = media
+        else:
+            continue
+        key = (q, -i, candidate)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None

@@ -1,0 +1,139 @@
+"""Request dependencies and the checks every tensor route makes, in the API's error order.
+
+Order (API.md): 401, 404, 415, 406, 413, 400, 428, 412, 409, 422. Auth and the session
+lookup are FastAPI dependencies; the rest are called by the routes in that order.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import Depends, Request
+from optserve_client import wire
+
+from ..engine import Engine
+from ..settings import Settings
+from ..store.redis_store import Store
+from .problems import Problem
+
+DEFAULT_TENANT = "default"
+_ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,18})"?\s*$')
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+async def tenant(request: Request, settings: Settings = Depends(get_settings)) -> str:
+    """The caller's tenant: from its bearer key, or the single open tenant with no keys set."""
+    if not settings.keys:
+        return DEFAULT_TENANT
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Problem(401, "unauthorized", "send `Authorization: Bearer <api-key>`",
+                      headers={"WWW-Authenticate": "Bearer"})
+    found = settings.tenant_for(key.strip())
+    if found is None:
+        raise Problem(401, "unauthorized", "unknown API key",
+                      headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return found
+
+
+async def session_meta(session_id: str, tenant: str = Depends(tenant),
+                       store: Store = Depends(get_store)) -> dict[str, Any]:
+    """The session document as stored; another tenant's session is as unknown as none."""
+    meta = await store.get_meta(session_id) if len(session_id) <= 64 else None
+    if meta is None or meta.get("tenant") != tenant:
+        raise Problem(404, "session_not_found", f"no session {session_id!r}")
+    return meta
+
+
+def content_type(request: Request, allowed: tuple[str, ...]) -> str:
+    """415 unless the body's type is one we read."""
+    kind = wire.base_type(request.headers.get("content-type"))
+    if kind not in allowed:
+        raise Problem(415, "unsupported_media_type",
+                      f"Content-Type {kind or '(none)'!r} is not accepted here; use one of "
+                      f"{list(allowed)}", accepted=list(allowed))
+    return kind
+
+
+def accept(request: Request, default: str, allowed: tuple[str, ...] = wire.TENSOR_TYPES) -> str:
+    """406 unless the Accept header names a format we can produce."""
+    chosen = wire.negotiate(request.headers.get("accept"), default)
+    if chosen is None or chosen not in allowed:
+        raise Problem(406, "not_acceptable",
+                      f"cannot produce any of {request.headers.get('accept')!r}; available: "
+                      f"{list(allowed)}", available=list(allowed))
+    return chosen
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    """Read the body into one writable buffer, refusing it (413) as soon as it passes `limit`."""
+    declared = request.headers.get("content-length")
+    size_hint = 0
+    if declared is not None:
+        try:
+            size_hint = int(declared)
+        except ValueError:
+            raise Problem(400, "malformed_body", "Content-Length is not a number") from None
+        if size_hint > limit:
+            raise Problem(413, "body_too_large", f"body of {size_hint} bytes is over the limit of "
+                          f"{limit} bytes", limit=limit)
+    if 0 < size_hint:
+        buf = bytearray(size_hint)
+        view = memoryview(buf)
+        n = 0
+        async for chunk in request.stream():
+            end = n + len(chunk)
+            if end > limit:
+                raise Problem(413, "body_too_large", f"body is over the limit of {limit} bytes",
+                              limit=limit)
+            if end > size_hint:
+                raise Problem(400, "malformed_body", "body longer than its Content-Length")
+            view[n:end] = chunk
+            n = end
+        if n != size_hint:
+            raise Problem(400, "malformed_body", "body shorter than its Content-Length")
+        return buf
+    out = bytearray()
+    async for chunk in request.stream():
+        out += chunk
+        if len(out) > limit:
+            raise Problem(413, "body_too_large", f"body is over the limit of {limit} bytes",
+                          limit=limit)
+    return out
+
+
+def decode_tensors(body: bytearray, kind: str
+                   ) -> tuple[dict[str, wire.WireTensor], dict[str, str] | None]:
+    try:
+        return wire.decode(body, kind)
+    except wire.WireError as exc:
+        raise Problem(400, "malformed_body", str(exc)) from None
+
+
+def parse_version_header(value: str | None, header: str) -> int | None:
+    if value is None:
+        return None
+    m = _ETAG.match(value)
+    if not m:
+        raise Problem(422, "invalid_header", f"{header}: expected a version number such as "
+                      f'"3", got {value!r}', header=header)
+    return int(m.group(1))
+
+
+def version_headers(version: int | None) -> dict[str, str]:
+    if version is None:
+        return {}
+    return {"ETag": f'"{version}"', "X-Optserve-Version": str(version)}

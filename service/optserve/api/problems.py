@@ -1,0 +1,138 @@
+"""RFC 9457 problem details: every error the API returns is one of these."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("optserve")
+
+PROBLEM_TYPE = "application/problem+json"
+TYPE_BASE = "https://optserve.dev/problems/"
+
+TITLES = {
+    400: "Malformed body",
+    401: "Unauthorized",
+    404: "Not found",
+    405: "Method not allowed",
+    406: "Not acceptable",
+    409: "Conflict",
+    412: "Precondition failed",
+    413: "Content too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    428: "Precondition required",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+
+
+class Problem(Exception):
+    """An error answered as application/problem+json with a stable machine-readable `code`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "type": TYPE_BASE + self.code,
+            "title": TITLES.get(self.status, "Error"),
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        if instance:
+            doc["instance"] = instance
+        doc.update(self.extra)
+        return doc
+
+    def response(self, instance: str | None = None) -> JSONResponse:
+        return JSONResponse(
+            self.body(instance),
+            status_code=self.status,
+            headers=self.headers,
+            media_type=PROBLEM_TYPE,
+        )
+
+
+def store_unavailable(exc: BaseException) -> Problem:
+    return Problem(
+        503,
+        "store_unavailable",
+        f"the state store is unreachable ({type(exc).__name__}); retry shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _status_code(status: int) -> str:
+    return {
+        401: "unauthorized",
+        404: "not_found",
+        405: "method_not_allowed",
+        406: "not_acceptable",
+        413: "body_too_large",
+        415: "unsupported_media_type",
+    }.get(status, "http_error")
+
+
+def install(app: FastAPI) -> None:
+    """Route every error path (ours, FastAPI's validation, Starlette's HTTP, Redis) to problems."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return exc.response(request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        is_json_error = any(e["type"] == "json_invalid" for e in errors)
+        if is_json_error:
+            problem = Problem(400, "malformed_body", "the body is not valid JSON", errors=errors)
+        else:
+            detail = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors
+            )
+            problem = Problem(422, "invalid_request", detail or "invalid request", errors=errors)
+        return problem.response(request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        problem = Problem(
+            exc.status_code,
+            _status_code(exc.status_code),
+            str(exc.detail),
+            headers=dict(exc.headers or {}),
+        )
+        return problem.response(request.url.path)
+
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("state store unreachable: %s", exc)
+        return store_unavailable(exc).response(request.url.path)
+
+    app.add_exception_handler(RedisConnectionError, _redis_down)
+    app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(ConnectionError, _redis_down)
+    app.add_exception_handler(TimeoutError, _redis_down)

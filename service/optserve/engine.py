@@ -1,0 +1,359 @@
+"""The step engine: from decoded gradients to a committed new version.
+
+Under the session's lock: re-check the idempotency record and the version preconditions,
+take the tensors from this process's cache (if still at the stored version) or from Redis,
+apply the optimizer in place, refuse non-finite results, and commit tensors, version and
+idempotency record in one transaction. Any failure drops the cache entry, so mutated
+tensors never outlive a step that was not committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import torch
+from optserve_client.wire import FLOAT_DTYPES, WireTensor
+
+from . import optim
+from .api.problems import Problem
+from .settings import Settings
+from .store import keys
+from .store.redis_store import SessionBusy, Store, StoreConflict
+from .tensors import PARAM_DTYPES, from_bytes, to_bytes
+
+log = logging.getLogger("optserve")
+
+
+@dataclass
+class Loaded:
+    """One session's tensors at one version, as torch tensors on the compute device."""
+
+    version: int
+    params: dict[str, torch.Tensor]
+    state: dict[str, dict[str, torch.Tensor]]
+    nbytes: int = 0
+
+
+class TensorCache:
+    """A per-process LRU of sessions' tensors, bounded in bytes, keyed by session id."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self._items: OrderedDict[str, Loaded] = OrderedDict()
+        self._bytes = 0
+        self._mutex = threading.Lock()
+
+    def get(self, sid: str, version: int) -> Loaded | None:
+        with self._mutex:
+            item = self._items.get(sid)
+            if item is None:
+                return None
+            if item.version != version:
+                self._remove(sid)
+                return None
+            self._items.move_to_end(sid)
+            return item
+
+    def put(self, sid: str, item: Loaded) -> None:
+        with self._mutex:
+            self._remove(sid)
+            if item.nbytes > self.limit:
+                return
+            self._items[sid] = item
+            self._bytes += item.nbytes
+            while self._bytes > self.limit and self._items:
+                oldest = next(iter(self._items))
+                self._remove(oldest)
+
+    def drop(self, sid: str) -> None:
+        with self._mutex:
+            self._remove(sid)
+
+    def _remove(self, sid: str) -> None:
+        item = self._items.pop(sid, None)
+        if item is not None:
+            self._bytes -= item.nbytes
+
+
+@dataclass
+class StepOutcome:
+    version: int
+    body: bytes | None
+    replayed: bool = False
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def check_tensors(
+    declared: Mapping[str, Mapping[str, Any]],
+    given: Mapping[str, WireTensor],
+    *,
+    what: str,
+    require_all: bool,
+    dtypes: tuple[str, ...],
+) -> None:
+    """422s for names, shapes and dtypes that do not fit the session, naming the tensor."""
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise Problem(422, "unknown_tensor", f"unknown {what} name(s) {unknown}; the session has "
+                      f"{sorted(declared)}", tensors=unknown)
+    if require_all:
+        missing = sorted(set(declared) - set(given))
+        if missing:
+            raise Problem(422, "missing_tensor", f"missing {what}(s) {missing}", tensors=missing)
+    for name, t in given.items():
+        want = declared[name]
+        if list(t.shape) != list(want["shape"]):
+            raise Problem(422, "shape_mismatch", f"{what} {name!r} has shape {list(t.shape)}, "
+                          f"the parameter has {list(want['shape'])}", tensor=name,
+                          expected=list(want["shape"]), got=list(t.shape))
+        if t.dtype not in dtypes:
+            raise Problem(422, "dtype_mismatch", f"{what} {name!r} is {t.dtype}; accepted: "
+                          f"{list(dtypes)}", tensor=name, got=t.dtype)
+
+
+def check_param_body(declared: Mapping[str, Mapping[str, Any]] | None,
+                     given: Mapping[str, WireTensor]) -> None:
+    """Parameters: float32/float64, and once defined, the same names, shapes and dtypes."""
+    for name, t in given.items():
+        if t.dtype not in PARAM_DTYPES:
+            raise Problem(422, "dtype_mismatch", f"parameter {name!r} is {t.dtype}; parameters "
+                          f"are {list(PARAM_DTYPES)}", tensor=name, got=t.dtype)
+        if not name or name.strip() != name:
+            raise Problem(422, "invalid_name", f"parameter name {name!r} is empty or padded")
+    if declared is None:
+        if not given:
+            raise Problem(422, "missing_tensor", "a session needs at least one parameter")
+        return
+    check_tensors(declared, given, what="parameter", require_all=True, dtypes=PARAM_DTYPES)
+    for name, t in given.items():
+        if t.dtype != declared[name]["dtype"]:
+            raise Problem(422, "dtype_mismatch", f"parameter {name!r} is {t.dtype}, the session "
+                          f"holds {declared[name]['dtype']}", tensor=name, got=t.dtype,
+                          expected=declared[name]["dtype"])
+
+
+def check_finite(given: Mapping[str, WireTensor], device: str, what: str) -> None:
+    for name, w in given.items():
+        t = from_bytes(w.data, w.dtype, w.shape, device, writable=False)
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise Problem(422, f"non_finite_{what}", f"{what} {name!r} has NaN or infinite "
+                          "values", tensor=name)
+
+
+class Engine:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.device = settings.torch_device()
+        self.fused = settings.fused != "off"
+        self.cache = TensorCache(settings.cache_bytes)
+
+    # ------------------------------------------------------------------ loading
+
+    def materialize(self, meta: Mapping[str, Any], version: int,
+                    fields: Mapping[str, bytes]) -> Loaded:
+        declared = meta["tensors"]
+        params: dict[str, torch.Tensor] = {}
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        nbytes = 0
+        for fname, raw in fields.items():
+            parsed = keys.parse_field(fname)
+            if parsed is None:
+                continue
+            kind, name, key = parsed
+            if name not in declared:
+                continue
+            spec = declared[name]
+            if kind == "p":
+                t = from_bytes(raw, spec["dtype"], tuple(spec["shape"]), self.device)
+                params[name] = t
+            else:
+                assert key is not None
+                if key == "step":
+                    t = from_bytes(raw, "float32", (), self.device)
+                else:
+                    t = from_bytes(raw, spec["dtype"], tuple(spec["shape"]), self.device)
+                state.setdefault(name, {})[key] = t
+            nbytes += _nbytes(t)
+        return Loaded(version, params, state, nbytes)
+
+    async def load(self, meta: Mapping[str, Any], version: int) -> Loaded:
+        sid = meta["id"]
+        cached = self.cache.get(sid, version)
+        if cached is not None:
+            return cached
+        stored_version, fields = await self.store.load(sid)
+        if stored_version != version:
+            raise StoreConflict(f"session {sid} moved from {version} to {stored_version}")
+        return await self._offload(self.materialize, meta, version, fields,
+                                   numel=sum(len(v) for v in fields.values()) // 4)
+
+    async def _offload(self, fn: Callable[..., Any], *args: Any, numel: int) -> Any:
+        """Large tensor work runs in a worker thread so the event loop keeps serving."""
+        if numel > self.settings.offload_numel:
+            return await anyio.to_thread.run_sync(lambda: fn(*args))
+        return fn(*args)
+
+    # ------------------------------------------------------------------ step
+
+    async def step(
+        self,
+        meta: dict[str, Any],
+        grads: dict[str, WireTensor],
+        *,
+        idempotency_key: str | None,
+        base_version: int | None,
+        if_match: int | None,
+        encode: Callable[[Mapping[str, Any]], bytes] | None,
+    ) -> StepOutcome:
+        sid = meta["id"]
+        if idempotency_key is not None:
+            replay = await self._replay(meta, idempotency_key, encode)
+            if replay is not None:
+                return replay
+        try:
+            async with self.store.locked(sid):
+                if idempotency_key is not None:
+                    replay = await self._replay(meta, idempotency_key, encode)
+                    if replay is not None:
+                        return replay
+                fresh = await self.store.get_meta(sid)  # a PATCH may have just changed it
+                if fresh is None:
+                    raise Problem(404, "session_not_found", f"session {sid} was deleted")
+                meta = fresh
+                version = await self.store.version(sid)
+                self._preconditions(meta, version, base_version, if_match)
+                assert version is not None
+                check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
+                              dtypes=FLOAT_DTYPES)
+                try:
+                    return await self._step_locked(meta, version, grads, idempotency_key, encode)
+                except BaseException:
+                    self.cache.drop(sid)
+                    raise
+        except SessionBusy as exc:
+            raise Problem(503, "session_busy", str(exc), headers={"Retry-After": "1"}) from None
+        except StoreConflict as exc:
+            raise Problem(503, "session_busy", f"{exc}; retry", headers={"Retry-After": "1"}
+                          ) from None
+
+    def _preconditions(self, meta: Mapping[str, Any], version: int | None,
+                       base_version: int | None, if_match: int | None) -> None:
+        if version is None:
+            raise Problem(409, "no_params", "the session has no parameters yet; PUT them first",
+                          current_version=None)
+        if if_match is not None and if_match != version:
+            raise Problem(412, "version_mismatch", f"If-Match names version {if_match}, the "
+                          f"session is at {version}", current_version=version)
+        if base_version is not None:
+            if base_version > version:
+                raise Problem(409, "future_version", f"base version {base_version} is newer "
+                              f"than the session's {version}", current_version=version)
+            s = meta.get("max_staleness")
+            if s is not None and base_version < version - s:
+                raise Problem(409, "stale_gradient", f"gradient computed on version "
+                              f"{base_version}, more than max_staleness={s} behind {version}",
+                              current_version=version)
+
+    async def _replay(self, meta: Mapping[str, Any], key: str,
+                      encode: Callable[[Mapping[str, Any]], bytes] | None) -> StepOutcome | None:
+        record = await self.store.get_idempotency(meta["id"], key)
+        if record is None:
+            return None
+        body = None
+        if encode is not None:
+            _, body = await self.encode_params(meta, encode)
+        return StepOutcome(int(record["version"]), body, replayed=True)
+
+    async def encode_params(self, meta: Mapping[str, Any],
+                            encode: Callable[[Mapping[str, Any]], bytes]
+                            ) -> tuple[int | None, bytes]:
+        """The current parameters and their version, straight from Redis bytes to the wire."""
+        declared = meta["tensors"]
+        fields = [keys.param_field(n) for n in declared]
+        version, raw = await self.store.load(meta["id"], fields)
+        if version is None:
+            raise Problem(409, "no_params", "the session has no parameters yet",
+                          current_version=None)
+        tensors = {
+            n: WireTensor(declared[n]["dtype"], tuple(declared[n]["shape"]),
+                          memoryview(raw[keys.param_field(n)]))
+            for n in declared
+        }
+        body = await self._offload(encode, tensors, numel=sum(len(b) for b in raw.values()) // 4)
+        return version, body
+
+    async def _step_locked(self, meta: dict[str, Any], version: int,
+                           grads: dict[str, WireTensor], idempotency_key: str | None,
+                           encode: Callable[[Mapping[str, Any]], bytes] | None) -> StepOutcome:
+        sid = meta["id"]
+        opt = optim.get_optimizer(meta["optimizer"])
+        hp = opt.hyperparams.model_validate(meta["hyperparams"])
+        loaded = await self.load(meta, version)
+        numel = sum(w.numel for w in grads.values())
+        touched, stats = await self._offload(self._apply, opt, hp, loaded, grads, numel=numel)
+        fields: dict[str, memoryview] = {}
+        for name in touched:
+            fields[keys.param_field(name)] = to_bytes(loaded.params[name])
+            for key, t in loaded.state.get(name, {}).items():
+                fields[keys.state_field(name, key)] = to_bytes(t)
+        new_version = version + 1
+        record = {"status": 200, "version": new_version}
+        await self.store.commit(
+            sid, version, new_version, fields, stats=stats,
+            idempotency=(idempotency_key, record) if idempotency_key else None,
+            count_step=True,
+        )
+        loaded.version = new_version
+        loaded.nbytes = sum(_nbytes(t) for t in loaded.params.values()) + sum(
+            _nbytes(t) for s in loaded.state.values() for t in s.values()
+        )
+        self.cache.put(sid, loaded)
+        body = None
+        if encode is not None:
+            body = await self._offload(encode, loaded.params, numel=numel)
+        return StepOutcome(new_version, body, stats=stats)
+
+    def _apply(self, opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
+               grads: Mapping[str, WireTensor]) -> tuple[list[str], dict[str, float]]:
+        tgrads = {
+            n: from_bytes(w.data, w.dtype, w.shape, self.device, writable=False)
+            for n, w in grads.items()
+        }
+        touched = sorted(tgrads)
+        with torch.no_grad():
+            grad_sq = sum(
+                float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
+                for g in tgrads.values() if g.numel()
+            )
+            before = {n: loaded.params[n].clone() for n in touched}
+            optim.step(opt, loaded.params, tgrads, loaded.state, hp, fused=self.fused)
+            if not optim.all_finite(loaded.params[n] for n in touched):
+                for n in touched:
+                    g = tgrads[n]
+                    if g.numel() and not bool(torch.isfinite(g).all()):
+                        raise Problem(422, "non_finite_gradient", f"gradient {n!r} has NaN or "
+                                      "infinite values; nothing was applied", tensor=n)
+                raise Problem(422, "non_finite_result", "this step would make parameters NaN or "
+                              "infinite; nothing was applied", current_version=loaded.version)
+            update_sq = sum(
+                float(torch.linalg.vector_norm(loaded.params[n] - before[n],
+                                               dtype=torch.float64)) ** 2
+                for n in touched if before[n].numel()
+            )
+        stats = {
+            keys.LAST_GRAD_NORM: math.sqrt(grad_sq),
+            keys.LAST_UPDATE_NORM: math.sqrt(update_sq),
+        }
+        return touched, stats

@@ -1,0 +1,89 @@
+"""Service configuration: every knob is an ``OPTSERVE_*`` environment variable."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("optserve")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPTSERVE_", extra="ignore")
+
+    redis_url: str | None = Field(
+        None, description="Redis to keep state in; unset: `optserve serve` starts its own."
+    )
+    data_dir: Path = Field(Path(".optserve-data"), description="The embedded Redis's files.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    fused: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile'd one-pass update (auto: when compiling works)."
+    )
+    max_body_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    idempotency_ttl_s: int = Field(86400, gt=0)
+    log_level: str = "info"
+    api_keys: str | None = Field(None, description="Comma-separated tenant:key pairs.")
+    api_keys_file: Path | None = Field(None, description="One `tenant key` per line.")
+    cache_bytes: int = Field(1024 * 1024 * 1024, ge=0, description="Per-process tensor cache.")
+    lock_timeout_s: float = Field(30.0, gt=0, description="Lifetime of a session's step lock.")
+    redis_timeout_s: float = Field(5.0, gt=0)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = Field(1, ge=1)
+    offload_numel: int = Field(
+        65536, ge=0, description="Steps over more elements than this run off the event loop."
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {v!r}")
+        return v.lower()
+
+    @cached_property
+    def keys(self) -> dict[str, str]:
+        """api key -> tenant. Empty: the service is open (one tenant)."""
+        pairs: list[tuple[str, str]] = []
+        if self.api_keys:
+            for item in self.api_keys.split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                tenant, sep, key = item.partition(":")
+                if not sep or not tenant or not key:
+                    raise ValueError("OPTSERVE_API_KEYS entries must look like tenant:key")
+                pairs.append((tenant.strip(), key.strip()))
+        if self.api_keys_file:
+            for n, line in enumerate(self.api_keys_file.read_text().splitlines(), 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                parts = line.split()
+                if len(parts) != 2:
+                    raise ValueError(
+                        f"{self.api_keys_file.name} line {n}: expected `tenant key`"
+                    )
+                pairs.append((parts[0], parts[1]))
+        return {key: tenant for tenant, key in pairs}
+
+    def tenant_for(self, key: str) -> str | None:
+        """Constant-time lookup: every configured key is compared, whatever matches."""
+        found: str | None = None
+        for known, tenant in self.keys.items():
+            if hmac.compare_digest(known.encode(), key.encode()):
+                found = tenant
+        return found
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

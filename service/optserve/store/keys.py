@@ -1,0 +1,53 @@
+"""Key names. Every key of one session carries the hash tag ``{s:<id>}`` (Redis Cluster safe)."""
+
+from __future__ import annotations
+
+PREFIX = "os"
+
+
+def meta(sid: str) -> str:
+    return f"{PREFIX}:{{s:{sid}}}:meta"
+
+
+def tensors(sid: str) -> str:
+    return f"{PREFIX}:{{s:{sid}}}:t"
+
+
+def lock(sid: str) -> str:
+    return f"{PREFIX}:{{s:{sid}}}:lock"
+
+
+def idempotency(sid: str, key: str) -> str:
+    return f"{PREFIX}:{{s:{sid}}}:idem:{key}"
+
+
+def tenant_sessions(tenant: str) -> str:
+    return f"{PREFIX}:tenant:{{t:{tenant}}}:sessions"
+
+
+# Fields of the tensor hash.
+VERSION = "v"
+UPDATED = "u"
+LAST_GRAD_NORM = "gn"
+LAST_UPDATE_NORM = "un"
+STEPS = "n"  # steps applied, for "cannot change once a step has been applied"
+HEAD_FIELDS = (VERSION, UPDATED, LAST_GRAD_NORM, LAST_UPDATE_NORM, STEPS)
+
+
+def param_field(name: str) -> str:
+    return f"p.{name}"
+
+
+def state_field(name: str, key: str) -> str:
+    return f"s.{name}.{key}"
+
+
+def parse_field(field: str) -> tuple[str, str, str | None] | None:
+    """`p.w` -> ("p", "w", None); `s.layer.0.weight.step` -> ("s", "layer.0.weight", "step")."""
+    kind, _, rest = field.partition(".")
+    if kind == "p" and rest:
+        return "p", rest, None
+    if kind == "s" and "." in rest:
+        name, _, key = rest.rpartition(".")
+        return "s", name, key
+    return None

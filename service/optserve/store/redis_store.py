@@ -1,0 +1,198 @@
+"""Sessions in Redis: documents, tensors as raw bytes in one hash, versioned atomic commits.
+
+A session's tensors and its version live in one hash (``keys.tensors``), so a reader that
+fetches them with one HMGET/HGETALL always sees a single version, and a commit writes them
+with one MULTI/EXEC guarded by WATCH on that hash.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from redis.asyncio import Redis
+from redis.exceptions import LockError, WatchError
+
+from . import keys
+
+Buffer = bytes | bytearray | memoryview
+
+
+class StoreConflict(Exception):
+    """The version moved under a commit (a lock expired mid-step): nothing was written."""
+
+
+class SessionBusy(Exception):
+    """The session's lock could not be taken in time."""
+
+
+def make_redis(url: str, timeout_s: float) -> Redis:
+    """A pooled asyncio client; redis-py's Python packer sends large values without copying."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+        retry_on_timeout=False,
+        decode_responses=False,
+    )
+
+
+def now() -> float:
+    return time.time()
+
+
+class Store:
+    def __init__(self, redis: Redis, *, idempotency_ttl_s: int, lock_timeout_s: float) -> None:
+        self.redis = redis
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self.lock_timeout_s = lock_timeout_s
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    # ------------------------------------------------------------------ documents
+
+    async def create(self, meta: dict[str, Any], fields: Mapping[str, Buffer] | None) -> None:
+        sid = meta["id"]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.meta(sid), json.dumps(meta))
+            head = {keys.UPDATED: repr(meta["created_at"])}
+            if fields is not None:
+                head[keys.VERSION] = "0"
+            pipe.hset(keys.tensors(sid), mapping={**head, **(fields or {})})
+            await pipe.execute()
+        # The tenant index lives in another slot; it is only an index, filtered on read.
+        await self.redis.sadd(keys.tenant_sessions(meta["tenant"]), sid)
+
+    async def get_meta(self, sid: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(keys.meta(sid))
+        return json.loads(raw) if raw else None
+
+    async def put_meta(self, meta: dict[str, Any]) -> None:
+        await self.redis.set(keys.meta(meta["id"]), json.dumps(meta), xx=True)
+
+    async def head(self, sid: str) -> dict[str, float | None]:
+        """The small fields of the tensor hash: version, updated_at, last norms, steps."""
+        values = await self.redis.hmget(keys.tensors(sid), list(keys.HEAD_FIELDS))
+        return {f: (float(v) if v is not None else None) for f, v in zip(keys.HEAD_FIELDS, values)}
+
+    async def heads(self, sids: list[str]) -> list[dict[str, float | None]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hmget(keys.tensors(sid), list(keys.HEAD_FIELDS))
+            rows = await pipe.execute()
+        return [
+            {f: (float(v) if v is not None else None) for f, v in zip(keys.HEAD_FIELDS, row)}
+            for row in rows
+        ]
+
+    async def get_metas(self, sids: list[str]) -> list[dict[str, Any] | None]:
+        if not sids:
+            return []
+        raws = await self.redis.mget([keys.meta(s) for s in sids])
+        return [json.loads(r) if r else None for r in raws]
+
+    async def version(self, sid: str) -> int | None:
+        v = await self.redis.hget(keys.tensors(sid), keys.VERSION)
+        return int(v) if v is not None else None
+
+    async def list_ids(self, tenant: str) -> list[str]:
+        ids = await self.redis.smembers(keys.tenant_sessions(tenant))
+        return sorted(i.decode() for i in ids)
+
+    async def delete(self, sid: str, tenant: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.meta(sid), keys.tensors(sid))
+            await pipe.execute()
+        await self.redis.srem(keys.tenant_sessions(tenant), sid)
+        # Idempotency records expire by themselves; drop them now anyway.
+        async for key in self.redis.scan_iter(match=keys.idempotency(sid, "*"), count=1000):
+            await self.redis.delete(key)
+
+    # ------------------------------------------------------------------ tensors
+
+    async def load(self, sid: str, fields: list[str] | None = None
+                   ) -> tuple[int | None, dict[str, bytes]]:
+        """One consistent snapshot: the version and the asked fields (all tensors if None)."""
+        key = keys.tensors(sid)
+        if fields is None:
+            raw = await self.redis.hgetall(key)
+            out = {k.decode(): v for k, v in raw.items()}
+            v = out.get(keys.VERSION)
+            for f in keys.HEAD_FIELDS:
+                out.pop(f, None)
+            return (int(v) if v is not None else None), out
+        values = await self.redis.hmget(key, [keys.VERSION, *fields])
+        v = values[0]
+        got = {f: b for f, b in zip(fields, values[1:]) if b is not None}
+        return (int(v) if v is not None else None), got
+
+    async def commit(
+        self,
+        sid: str,
+        expected: int | None,
+        new: int,
+        fields: Mapping[str, Buffer],
+        *,
+        delete_fields: list[str] | None = None,
+        stats: Mapping[str, float] | None = None,
+        idempotency: tuple[str, dict[str, Any]] | None = None,
+        meta: dict[str, Any] | None = None,
+        count_step: bool = False,
+    ) -> None:
+        """Write tensors and the new version in one transaction, only if still at `expected`."""
+        key = keys.tensors(sid)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                current = await pipe.hget(key, keys.VERSION)
+                current_v = int(current) if current is not None else None
+                if current_v != expected or not await pipe.exists(keys.meta(sid)):
+                    raise StoreConflict(f"session {sid} is at version {current_v}, not {expected}")
+                pipe.multi()
+                mapping: dict[str, Any] = {keys.VERSION: str(new), keys.UPDATED: repr(now())}
+                for name, value in (stats or {}).items():
+                    mapping[name] = repr(float(value))
+                pipe.hset(key, mapping={**mapping, **fields})
+                if delete_fields:
+                    pipe.hdel(key, *delete_fields)
+                if count_step:
+                    pipe.hincrby(key, keys.STEPS, 1)
+                if meta is not None:
+                    pipe.set(keys.meta(sid), json.dumps(meta))
+                if idempotency is not None:
+                    idem_key, record = idempotency
+                    pipe.set(keys.idempotency(sid, idem_key), json.dumps(record),
+                             ex=self.idempotency_ttl_s)
+                await pipe.execute()
+            except WatchError as exc:
+                raise StoreConflict(f"session {sid} changed during the commit") from exc
+
+    # ------------------------------------------------------------------ coordination
+
+    @asynccontextmanager
+    async def locked(self, sid: str) -> AsyncIterator[None]:
+        """Serialize writers of one session across processes (redis-py's token lock)."""
+        lock = self.redis.lock(
+            keys.lock(sid),
+            timeout=self.lock_timeout_s,
+            blocking_timeout=self.lock_timeout_s,
+            sleep=0.002,
+        )
+        if not await lock.acquire():
+            raise SessionBusy(f"session {sid} stayed locked for {self.lock_timeout_s} s")
+        try:
+            yield
+        finally:
+            try:
+                await lock.release()
+            except LockError:
+                pass  # expired: the commit's WATCH already protected the data
+
+    async def get_idempotency(self, sid: str, key: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(keys.idempotency(sid, key))
+        return json.loads(raw) if raw else None

@@ -1,0 +1,154 @@
+"""Shared fixtures: a real redis-server, and the real HTTP stack (uvicorn) in front of the app."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from optserve.store.embedded import EmbeddedRedis, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """One real redis-server for the whole run (tests use their own sessions/keys)."""
+    server = EmbeddedRedis(data_dir=tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+def wait_until_live(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None
+                    ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/livez", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not come up in {timeout} s")
+
+
+@dataclass
+class ThreadServer:
+    """uvicorn serving create_app(settings) from a thread of the test process."""
+
+    url: str
+    server: Any
+    thread: threading.Thread
+    app: Any = None
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_thread_server(**settings: Any) -> ThreadServer:
+    import uvicorn
+
+    from optserve.app import create_app
+    from optserve.settings import Settings
+
+    port = free_port()
+    app = create_app(Settings(**settings))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until_live(url)
+    return ThreadServer(url, server, thread, app)
+
+
+@pytest.fixture(scope="session")
+def live_server(redis_url: str) -> Iterator[str]:
+    """Base URL of an open (no API keys) optserve on the real HTTP stack, plain-path math."""
+    srv = start_thread_server(redis_url=redis_url, fused="off", lock_timeout_s=5.0)
+    yield srv.url
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def fused_server(redis_url: str) -> Iterator[str]:
+    """The same, with the torch.compile'd fused update."""
+    srv = start_thread_server(redis_url=redis_url, fused="on", lock_timeout_s=5.0)
+    yield srv.url
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_server(redis_url: str) -> Iterator[str]:
+    """A server with two tenants: alice (key ka) and bob (key kb)."""
+    srv = start_thread_server(redis_url=redis_url, fused="off", api_keys="alice:ka,bob:kb")
+    yield srv.url
+    srv.stop()
+
+
+@dataclass
+class ProcessServer:
+    """`python -m uvicorn` in a child process, for multi-process and crash tests."""
+
+    url: str
+    proc: subprocess.Popen
+    env: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def make_server(redis_url: str) -> Iterator[Any]:
+    """Factory: start optserve processes (env as OPTSERVE_* settings); all stopped at teardown."""
+    started: list[ProcessServer] = []
+
+    def start(**env: Any) -> ProcessServer:
+        port = free_port()
+        full = {**os.environ, "OPTSERVE_REDIS_URL": redis_url, "OPTSERVE_FUSED": "off",
+                "OPTSERVE_LOG_LEVEL": "warning"}
+        full.update({f"OPTSERVE_{k.upper()}": str(v) for k, v in env.items()})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "optserve.app:app_factory", "--factory",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            env=full, cwd=ROOT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        srv = ProcessServer(url, proc, full)
+        started.append(srv)
+        wait_until_live(url, proc=proc)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
