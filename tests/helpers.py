@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+
 from optserve_client import wire
 
 ST = wire.SAFETENSORS_TYPE

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
-from helpers import JS, ST, create, decode, jt, snapshot, st_body, step
+
 from optserve_client import wire
+
+from helpers import JS, ST, create, decode, jt, snapshot, st_body, step
 
 
 @pytest.fixture

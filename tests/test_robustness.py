@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import start_thread_server
-from helpers import create, decode, snapshot, step
-from optserve_client import wire
 
 from optserve.store.embedded import EmbeddedRedis
+from optserve_client import wire
+
+from conftest import start_thread_server
+from helpers import create, decode, snapshot, step
 
 
 @pytest.mark.slow

@@ -13,19 +13,20 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import torch
+
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
 from . import optim
 from .api.problems import Problem
 from .settings import Settings
 from .store import keys
-from .store.redis_store import SessionBusy, Store, StoreConflict
+from .store.redis_store import SessionBusy, StepTxn, Store, StoreConflict
 from .tensors import PARAM_DTYPES, from_bytes, to_bytes
 
 log = logging.getLogger("optserve")
@@ -92,6 +93,16 @@ class StepOutcome:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _norm(tensors: Iterable[torch.Tensor]) -> float:
+    """The 2-norm over several tensors; float32 sums, float64 only when those overflow."""
+    ts = [t for t in tensors if t.numel()]
+    total = math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in ts))
+    if math.isinf(total):
+        total = math.sqrt(sum(
+            float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in ts))
+    return total
 
 
 def check_tensors(
@@ -223,22 +234,25 @@ class Engine:
             if replay is not None:
                 return replay
         try:
-            async with self.store.locked(sid):
-                if idempotency_key is not None:
-                    replay = await self._replay(meta, idempotency_key, encode)
-                    if replay is not None:
-                        return replay
-                fresh = await self.store.get_meta(sid)  # a PATCH may have just changed it
-                if fresh is None:
+            async with self.store.step_txn(sid) as txn:
+                if txn.meta is None:
                     raise Problem(404, "session_not_found", f"session {sid} was deleted")
-                meta = fresh
-                version = await self.store.version(sid)
+                meta = txn.meta  # a PATCH may have changed it since the route read it
+                if idempotency_key is not None:
+                    # Another process may have finished this key while we waited for the lock.
+                    record = await self.store.get_idempotency(sid, idempotency_key)
+                    if record is not None:
+                        await txn.finish()
+                        return await self._replay(meta, idempotency_key, encode) or StepOutcome(
+                            int(record["version"]), None, replayed=True)
+                version = txn.version
                 self._preconditions(meta, version, base_version, if_match)
                 assert version is not None
                 check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
                               dtypes=FLOAT_DTYPES)
                 try:
-                    return await self._step_locked(meta, version, grads, idempotency_key, encode)
+                    return await self._step_locked(txn, meta, version, grads, idempotency_key,
+                                                   encode)
                 except BaseException:
                     self.cache.drop(sid)
                     raise
@@ -294,7 +308,7 @@ class Engine:
         body = await self._offload(encode, tensors, numel=sum(len(b) for b in raw.values()) // 4)
         return version, body
 
-    async def _step_locked(self, meta: dict[str, Any], version: int,
+    async def _step_locked(self, txn: StepTxn, meta: dict[str, Any], version: int,
                            grads: dict[str, WireTensor], idempotency_key: str | None,
                            encode: Callable[[Mapping[str, Any]], bytes] | None) -> StepOutcome:
         sid = meta["id"]
@@ -310,10 +324,9 @@ class Engine:
                 fields[keys.state_field(name, key)] = to_bytes(t)
         new_version = version + 1
         record = {"status": 200, "version": new_version}
-        await self.store.commit(
-            sid, version, new_version, fields, stats=stats,
+        await txn.commit(
+            new_version, fields, stats=stats,
             idempotency=(idempotency_key, record) if idempotency_key else None,
-            count_step=True,
         )
         loaded.version = new_version
         loaded.nbytes = sum(_nbytes(t) for t in loaded.params.values()) + sum(
@@ -333,13 +346,14 @@ class Engine:
         }
         touched = sorted(tgrads)
         with torch.no_grad():
-            grad_sq = sum(
-                float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
-                for g in tgrads.values() if g.numel()
-            )
+            grad_norm = _norm(tgrads.values())
             before = {n: loaded.params[n].clone() for n in touched}
             optim.step(opt, loaded.params, tgrads, loaded.state, hp, fused=self.fused)
-            if not optim.all_finite(loaded.params[n] for n in touched):
+            # The old parameters are finite, so a finite update norm proves the new ones are:
+            # one reduction serves both the statistic and the check.
+            update_norm = _norm(loaded.params[n] - before[n] for n in touched)
+            if not math.isfinite(update_norm) and not optim.all_finite(
+                    loaded.params[n] for n in touched):
                 for n in touched:
                     g = tgrads[n]
                     if g.numel() and not bool(torch.isfinite(g).all()):
@@ -347,13 +361,8 @@ class Engine:
                                       "infinite values; nothing was applied", tensor=n)
                 raise Problem(422, "non_finite_result", "this step would make parameters NaN or "
                               "infinite; nothing was applied", current_version=loaded.version)
-            update_sq = sum(
-                float(torch.linalg.vector_norm(loaded.params[n] - before[n],
-                                               dtype=torch.float64)) ** 2
-                for n in touched if before[n].numel()
-            )
         stats = {
-            keys.LAST_GRAD_NORM: math.sqrt(grad_sq),
-            keys.LAST_UPDATE_NORM: math.sqrt(update_sq),
+            keys.LAST_GRAD_NORM: grad_norm,
+            keys.LAST_UPDATE_NORM: update_norm,
         }
         return touched, stats

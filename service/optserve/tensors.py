@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from optserve_client.wire import ITEMSIZE, WireTensor
 
 DTYPES = {

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from fastapi import Depends, Request
+
 from optserve_client import wire
 
 from ..engine import Engine
@@ -90,7 +91,7 @@ async def read_body(request: Request, limit: int) -> bytearray:
         if size_hint > limit:
             raise Problem(413, "body_too_large", f"body of {size_hint} bytes is over the limit of "
                           f"{limit} bytes", limit=limit)
-    if 0 < size_hint:
+    if size_hint > 0:
         buf = bytearray(size_hint)
         view = memoryview(buf)
         n = 0

@@ -8,8 +8,9 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
-from optserve_client import wire
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from optserve_client import wire
 
 from .. import optim
 from ..engine import check_finite, check_param_body
@@ -19,7 +20,6 @@ from ..store.redis_store import Store, now
 from ..tensors import describe
 from .deps import (
     content_type,
-    decode_tensors,
     get_settings,
     get_store,
     read_body,
@@ -140,7 +140,8 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
                                                                 "schemas/{model}")}}}}
 
 
-@router.post("", status_code=201, response_model=SessionDoc, openapi_extra=_json_body(CreateSession),
+@router.post("", status_code=201, response_model=SessionDoc,
+             openapi_extra=_json_body(CreateSession),
              responses={201: {"headers": {"Location": {"schema": {"type": "string"}}}}})
 async def create_session(request: Request, response: Response, tenant: str = Depends(tenant),
                          store: Store = Depends(get_store),
@@ -215,7 +216,7 @@ async def list_sessions(tenant: str = Depends(tenant), store: Store = Depends(ge
     metas = await store.get_metas(ids)
     live = [m for m in metas if m is not None and m.get("tenant") == tenant]
     heads = await store.heads([m["id"] for m in live])
-    return {"sessions": [document(m, h) for m, h in zip(live, heads)]}
+    return {"sessions": [document(m, h) for m, h in zip(live, heads, strict=True)]}
 
 
 @router.get("/{session_id}", response_model=SessionDoc)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
+
 from optserve_client import wire
 
 from .. import optim

@@ -7,14 +7,17 @@ with one MULTI/EXEC guarded by WATCH on that hash.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 import time
-from collections.abc import Mapping
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import LockError, WatchError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import LockError, ResponseError, WatchError
 
 from . import keys
 
@@ -39,6 +42,11 @@ def make_redis(url: str, timeout_s: float) -> Redis:
         retry_on_timeout=False,
         decode_responses=False,
     )
+
+
+def _head(values: Sequence[Any]) -> dict[str, float | None]:
+    return {f: (float(v) if v is not None else None)
+            for f, v in zip(keys.HEAD_FIELDS, values, strict=True)}
 
 
 def now() -> float:
@@ -78,17 +86,14 @@ class Store:
     async def head(self, sid: str) -> dict[str, float | None]:
         """The small fields of the tensor hash: version, updated_at, last norms, steps."""
         values = await self.redis.hmget(keys.tensors(sid), list(keys.HEAD_FIELDS))
-        return {f: (float(v) if v is not None else None) for f, v in zip(keys.HEAD_FIELDS, values)}
+        return _head(values)
 
     async def heads(self, sids: list[str]) -> list[dict[str, float | None]]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in sids:
                 pipe.hmget(keys.tensors(sid), list(keys.HEAD_FIELDS))
             rows = await pipe.execute()
-        return [
-            {f: (float(v) if v is not None else None) for f, v in zip(keys.HEAD_FIELDS, row)}
-            for row in rows
-        ]
+        return [_head(row) for row in rows]
 
     async def get_metas(self, sids: list[str]) -> list[dict[str, Any] | None]:
         if not sids:
@@ -128,7 +133,7 @@ class Store:
             return (int(v) if v is not None else None), out
         values = await self.redis.hmget(key, [keys.VERSION, *fields])
         v = values[0]
-        got = {f: b for f, b in zip(fields, values[1:]) if b is not None}
+        got = {f: b for f, b in zip(fields, values[1:], strict=True) if b is not None}
         return (int(v) if v is not None else None), got
 
     async def commit(
@@ -188,11 +193,133 @@ class Store:
         try:
             yield
         finally:
-            try:
+            with suppress(LockError):  # expired: the commit's WATCH protected the data
                 await lock.release()
-            except LockError:
-                pass  # expired: the commit's WATCH already protected the data
+
+    @asynccontextmanager
+    async def step_txn(self, sid: str) -> AsyncIterator[StepTxn]:
+        """The step's whole Redis conversation in two round trips, on one pooled connection.
+
+        Round trip 1: take the session lock (SET NX PX with a random token), WATCH the tensor
+        hash, read the document and the version. Round trip 2: MULTI, the writes, EXEC (aborted
+        by Redis if anything touched the hash since the WATCH), and the lock's release. The
+        version seen under the lock is re-checked by the WATCH at commit time.
+        """
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()
+        txn = StepTxn(self, sid, conn)
+        try:
+            await txn.begin()
+            yield txn
+        finally:
+            await txn.abort()  # a no-op after a commit
+            await pool.release(conn)
 
     async def get_idempotency(self, sid: str, key: str) -> dict[str, Any] | None:
         raw = await self.redis.get(keys.idempotency(sid, key))
         return json.loads(raw) if raw else None
+
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class StepTxn:
+    """One locked, WATCHed read-compute-commit of a session (see `Store.step_txn`)."""
+
+    def __init__(self, store: Store, sid: str, conn: AbstractConnection) -> None:
+        self.store = store
+        self.sid = sid
+        self.conn = conn
+        self.token = secrets.token_hex(16)
+        self.meta: dict[str, Any] | None = None
+        self.version: int | None = None
+        self.done = False
+        self.locked = False
+
+    async def _batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send commands together, read every reply (errors returned, not raised)."""
+        conn = self.conn
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect()
+            raise
+
+    async def begin(self) -> None:
+        store, sid = self.store, self.sid
+        ttl_ms = int(store.lock_timeout_s * 1000)
+        deadline = time.monotonic() + store.lock_timeout_s
+        delay = 0.001
+        while True:
+            got, _, raw_meta, raw_v = await self._batch([
+                ("SET", keys.lock(sid), self.token, "NX", "PX", ttl_ms),
+                ("WATCH", keys.tensors(sid)),
+                ("GET", keys.meta(sid)),
+                ("HGET", keys.tensors(sid), keys.VERSION),
+            ])
+            if got:
+                break
+            await self._batch([("UNWATCH",)])
+            if time.monotonic() > deadline:
+                raise SessionBusy(f"session {sid} stayed locked for {store.lock_timeout_s} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        self.locked = True
+        self.meta = json.loads(raw_meta) if raw_meta else None
+        self.version = int(raw_v) if raw_v is not None else None
+
+    async def commit(self, new: int, fields: Mapping[str, Buffer], *,
+                     stats: Mapping[str, float] | None = None,
+                     idempotency: tuple[str, dict[str, Any]] | None = None,
+                     count_step: bool = True) -> None:
+        store, sid = self.store, self.sid
+        tkey = keys.tensors(sid)
+        mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
+        for name, value in (stats or {}).items():
+            mapping += [name, repr(float(value))]
+        for name, value in fields.items():
+            mapping += [name, value]
+        cmds: list[Sequence[Any]] = [("MULTI",), ("HSET", tkey, *mapping)]
+        if count_step:
+            cmds.append(("HINCRBY", tkey, keys.STEPS, 1))
+        if idempotency is not None:
+            idem_key, record = idempotency
+            cmds.append(("SET", keys.idempotency(sid, idem_key), json.dumps(record), "EX",
+                         store.idempotency_ttl_s))
+        cmds.append(("EXEC",))
+        cmds.append(("EVAL", _RELEASE, 1, keys.lock(sid), self.token))
+        replies = await self._batch(cmds)
+        self.done = True
+        self.locked = False
+        exec_reply = replies[-2]
+        if isinstance(exec_reply, Exception):
+            raise exec_reply
+        if exec_reply is None:
+            raise StoreConflict(f"session {sid} changed during the step (its lock expired)")
+
+    async def abort(self) -> None:
+        """Undo the WATCH and release the lock (best effort: the lock also expires)."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            cmds: list[Sequence[Any]] = [("UNWATCH",)]
+            if self.locked:
+                cmds.append(("EVAL", _RELEASE, 1, keys.lock(self.sid), self.token))
+            await self._batch(cmds)
+        except Exception:  # the connection is gone; the lock's TTL frees the session
+            pass
+
+    async def finish(self) -> None:
+        """Release without writing (a replay or a rejected step)."""
+        await self.abort()
