@@ -15,6 +15,7 @@ from . import __version__
 from .api import ops, problems, sessions, tensors
 from .engine import Engine
 from .metrics import BYTES_IN, BYTES_OUT, LATENCY, REQUESTS
+from .rounds import SyncRounds
 from .settings import Settings
 from .store.redis_store import SessionBusy, Store, StoreConflict, make_redis
 
@@ -78,10 +79,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.store = store
         app.state.engine = Engine(store, settings)
-        app.state.sync_rounds = None
+        app.state.sync_rounds = SyncRounds(app.state.engine)
         try:
             yield
         finally:
+            await app.state.sync_rounds.notifier.close()
             await redis.aclose()
 
     app = FastAPI(

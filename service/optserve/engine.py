@@ -9,6 +9,7 @@ tensors never outlive a step that was not committed.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -89,6 +90,10 @@ class StepOutcome:
     body: bytes | None
     replayed: bool = False
     stats: dict[str, float] = field(default_factory=dict)
+
+
+def _numel(t: WireTensor | torch.Tensor) -> int:
+    return t.numel() if isinstance(t, torch.Tensor) else t.numel
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -309,13 +314,17 @@ class Engine:
         return version, body
 
     async def _step_locked(self, txn: StepTxn, meta: dict[str, Any], version: int,
-                           grads: dict[str, WireTensor], idempotency_key: str | None,
-                           encode: Callable[[Mapping[str, Any]], bytes] | None) -> StepOutcome:
+                           grads: Mapping[str, WireTensor | torch.Tensor],
+                           idempotency_key: str | None,
+                           encode: Callable[[Mapping[str, Any]], bytes] | None,
+                           *, extra_idempotency_keys: Iterable[str] = (),
+                           extra: Callable[[Loaded], list[Any]] | None = None) -> StepOutcome:
+        """Apply one step to the locked session and commit it (with `extra` commands)."""
         sid = meta["id"]
         opt = optim.get_optimizer(meta["optimizer"])
         hp = opt.hyperparams.model_validate(meta["hyperparams"])
         loaded = await self.load(meta, version)
-        numel = sum(w.numel for w in grads.values())
+        numel = sum(_numel(w) for w in grads.values())
         touched, stats = await self._offload(self._apply, opt, hp, loaded, grads, numel=numel)
         fields: dict[str, memoryview] = {}
         for name in touched:
@@ -324,11 +333,14 @@ class Engine:
                 fields[keys.state_field(name, key)] = to_bytes(t)
         new_version = version + 1
         record = {"status": 200, "version": new_version}
+        more = [("SET", keys.idempotency(sid, k), json.dumps(record), "EX",
+                 self.settings.idempotency_ttl_s) for k in extra_idempotency_keys]
+        loaded.version = new_version
         await txn.commit(
             new_version, fields, stats=stats,
             idempotency=(idempotency_key, record) if idempotency_key else None,
+            extra=more + (extra(loaded) if extra is not None else []),
         )
-        loaded.version = new_version
         loaded.nbytes = sum(_nbytes(t) for t in loaded.params.values()) + sum(
             _nbytes(t) for s in loaded.state.values() for t in s.values()
         )
@@ -339,9 +351,11 @@ class Engine:
         return StepOutcome(new_version, body, stats=stats)
 
     def _apply(self, opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
-               grads: Mapping[str, WireTensor]) -> tuple[list[str], dict[str, float]]:
+               grads: Mapping[str, WireTensor | torch.Tensor]
+               ) -> tuple[list[str], dict[str, float]]:
         tgrads = {
-            n: from_bytes(w.data, w.dtype, w.shape, self.device, writable=False)
+            n: w.to(self.device) if isinstance(w, torch.Tensor)
+            else from_bytes(w.data, w.dtype, w.shape, self.device, writable=False)
             for n, w in grads.items()
         }
         touched = sorted(tgrads)

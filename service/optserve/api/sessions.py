@@ -167,10 +167,8 @@ async def create_session(request: Request, response: Response, tenant: str = Dep
         optimizer, hyper = preset_opt, {**preset_hp, **hyper}
     optimizer = optimizer or "rmsprop"
     hp = validate_hyperparams(optimizer, hyper)
-    if body.mode == "sync":
-        if body.sync is None:
-            raise Problem(422, "invalid_request", "sync mode needs `sync.contributions`")
-        _check_sync_supported(request)
+    if body.mode == "sync" and body.sync is None:
+        raise Problem(422, "invalid_request", "sync mode needs `sync.contributions`")
     sync = None
     if body.sync is not None:
         sync = body.sync.model_dump()
@@ -202,11 +200,6 @@ async def create_session(request: Request, response: Response, tenant: str = Dep
     response.headers["Location"] = f"/v1/sessions/{meta['id']}"
     response.headers.update(version_headers(0 if fields is not None else None))
     return document(meta, {keys.VERSION: 0 if fields is not None else None})
-
-
-def _check_sync_supported(request: Request) -> None:
-    if not getattr(request.app.state, "sync_rounds", None):
-        raise Problem(422, "invalid_request", "sync mode is not available on this server")
 
 
 @router.get("", response_model=SessionList)

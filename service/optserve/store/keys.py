@@ -21,6 +21,23 @@ def idempotency(sid: str, key: str) -> str:
     return f"{PREFIX}:{{s:{sid}}}:idem:{key}"
 
 
+def round_(sid: str) -> str:
+    """The open sync round: its token, version, deadline and contributions."""
+    return f"{PREFIX}:{{s:{sid}}}:round"
+
+
+def round_outcome(sid: str, token: str) -> str:
+    return f"{PREFIX}:{{s:{sid}}}:round:{token}:outcome"
+
+
+def round_params(sid: str, token: str) -> str:
+    """The parameters a closed round produced, for its waiters (kept a while)."""
+    return f"{PREFIX}:{{s:{sid}}}:round:{token}:params"
+
+
+ROUNDS_CHANNEL = f"{PREFIX}:rounds"
+
+
 def tenant_sessions(tenant: str) -> str:
     return f"{PREFIX}:tenant:{{t:{tenant}}}:sessions"
 

@@ -281,7 +281,9 @@ class StepTxn:
     async def commit(self, new: int, fields: Mapping[str, Buffer], *,
                      stats: Mapping[str, float] | None = None,
                      idempotency: tuple[str, dict[str, Any]] | None = None,
-                     count_step: bool = True) -> None:
+                     count_step: bool = True,
+                     extra: Sequence[Sequence[Any]] = ()) -> None:
+        """Write the new version's tensors (and `extra` commands) atomically, then unlock."""
         store, sid = self.store, self.sid
         tkey = keys.tensors(sid)
         mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
@@ -289,16 +291,22 @@ class StepTxn:
             mapping += [name, repr(float(value))]
         for name, value in fields.items():
             mapping += [name, value]
-        cmds: list[Sequence[Any]] = [("MULTI",), ("HSET", tkey, *mapping)]
+        cmds: list[Sequence[Any]] = [("HSET", tkey, *mapping)]
         if count_step:
             cmds.append(("HINCRBY", tkey, keys.STEPS, 1))
         if idempotency is not None:
             idem_key, record = idempotency
             cmds.append(("SET", keys.idempotency(sid, idem_key), json.dumps(record), "EX",
                          store.idempotency_ttl_s))
-        cmds.append(("EXEC",))
-        cmds.append(("EVAL", _RELEASE, 1, keys.lock(sid), self.token))
-        replies = await self._batch(cmds)
+        cmds.extend(extra)
+        await self.execute(cmds)
+
+    async def execute(self, cmds: Sequence[Sequence[Any]]) -> list[Any]:
+        """MULTI, the commands, EXEC (void if the WATCHed hash moved), and the lock's release."""
+        sid = self.sid
+        batch = [("MULTI",), *cmds, ("EXEC",),
+                 ("EVAL", _RELEASE, 1, keys.lock(sid), self.token)]
+        replies = await self._batch(batch)
         self.done = True
         self.locked = False
         exec_reply = replies[-2]
@@ -306,6 +314,7 @@ class StepTxn:
             raise exec_reply
         if exec_reply is None:
             raise StoreConflict(f"session {sid} changed during the step (its lock expired)")
+        return list(exec_reply)
 
     async def abort(self) -> None:
         """Undo the WATCH and release the lock (best effort: the lock also expires)."""

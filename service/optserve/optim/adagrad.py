@@ -1,0 +1,128 @@
+"""Adagrad, as ``torch.optim.Adagrad`` computes it on CPU (``_single_tensor_adagrad``).
+
+Torch creates Adagrad's state for every parameter in ``__init__`` (step 0, ``sum`` filled
+with ``initial_accumulator_value``); we create it on the first gradient instead, which
+computes the same thing, and the torch state_dict conversion fills in the rest.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, new_step
+from .hyperparams import AdagradHyperparams
+
+
+def init_state(param: Tensor, hp: AdagradHyperparams) -> ParamState:
+    """Torch's eager initial state: step 0 and ``sum`` = initial_accumulator_value."""
+    return {
+        "step": new_step(),
+        "sum": torch.full_like(param, hp.initial_accumulator_value,
+                               memory_format=torch.preserve_format),
+    }
+
+
+def _complete(param: Tensor, st: ParamState, hp: AdagradHyperparams) -> None:
+    """Create missing entries (a fresh parameter, or state imported without them)."""
+    if "step" not in st:
+        st["step"] = new_step()
+    if "sum" not in st:
+        st["sum"] = torch.full_like(param, hp.initial_accumulator_value,
+                                    memory_format=torch.preserve_format)
+
+
+def _clr(hp: AdagradHyperparams, step: float) -> float:
+    """The decayed learning rate, in Python double as torch computes it."""
+    return hp.lr / (1 + (step - 1) * hp.lr_decay)
+
+
+def update(param: Tensor, grad: Tensor, st: ParamState, hp: AdagradHyperparams) -> None:
+    """One step in place; mirrors ``torch.optim.adagrad._single_tensor_adagrad`` (dense)."""
+    _complete(param, st, hp)
+    step_t = st["step"]
+    state_sum = st["sum"]
+
+    step_t += 1
+    step = step_t.item()
+    grad = grad if not hp.maximize else -grad
+
+    if hp.weight_decay != 0:
+        grad = grad.add(param, alpha=hp.weight_decay)
+
+    clr = _clr(hp, step)
+
+    state_sum.addcmul_(grad, grad, value=1)
+    std = state_sum.sqrt().add_(hp.eps)
+    param.addcdiv_(grad, std, value=-clr)
+
+
+def fused_flags(hp: AdagradHyperparams) -> tuple[bool, ...]:
+    """(maximize, weight_decay != 0); lr_decay lives in the per-step ``neg_clr`` scalar."""
+    return (hp.maximize, hp.weight_decay != 0)
+
+
+def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
+    """The update as one expression per output, for inductor to fuse into one pass."""
+    maximize, use_wd = flags
+
+    def adagrad_kernel(param: Tensor, grad: Tensor, state_sum: Tensor, neg_clr: Tensor,
+                       eps: Tensor, wd: Tensor) -> None:
+        g = -grad if maximize else grad
+        if use_wd:
+            g = g + wd * param
+        s = state_sum + g * g
+        state_sum.copy_(s)
+        param.copy_(param + neg_clr * (g / (s.sqrt() + eps)))
+
+    return adagrad_kernel
+
+
+@lru_cache(maxsize=512)
+def _scalars(hp: AdagradHyperparams, dtype: torch.dtype,
+             device: torch.device) -> tuple[Tensor, ...]:
+    """The kernel's constant scalar arguments (eps, weight_decay)."""
+    return tuple(torch.tensor(v, dtype=dtype, device=device) for v in (hp.eps, hp.weight_decay))
+
+
+def fused_update(kernel: Kernel, param: Tensor, grad: Tensor, st: ParamState,
+                 hp: AdagradHyperparams) -> bool:
+    """Count the step, compute the decayed lr in Python as torch does, run the kernel."""
+    _complete(param, st, hp)
+    state_sum = st["sum"]
+    if not flat_ok(param, state_sum):
+        return False
+    step_t = st["step"]
+    # The count torch would have after its ``step_t += 1``, in float32 arithmetic as there.
+    step = (step_t + 1).item()
+    neg_clr = torch.tensor(-_clr(hp, step), dtype=param.dtype, device=param.device)
+    kernel(flat(param), flat_grad(grad), flat(state_sum), neg_clr,
+           *_scalars(hp, param.dtype, param.device))
+    step_t += 1  # after the kernel: a kernel that raises leaves the count alone
+    return True
+
+
+def effective_lr(hp: AdagradHyperparams, st: ParamState) -> Tensor | None:
+    """clr / (sqrt(sum) + eps), clr at the last step taken (lr before the first)."""
+    state_sum = st.get("sum")
+    if state_sum is None:
+        return None
+    step = float(st["step"].item()) if "step" in st else 0.0
+    return _clr(hp, max(step, 1.0)) / state_sum.sqrt().add_(hp.eps)
+
+
+ADAGRAD = OptimizerDef(
+    name="adagrad",
+    hyperparams=AdagradHyperparams,
+    torch_class=torch.optim.Adagrad,
+    state_keys=("step", "sum"),
+    init_state=init_state,
+    update=update,
+    fused_flags=fused_flags,
+    fused_kernel=fused_kernel,
+    fused_update=fused_update,
+    effective_lr=effective_lr,
+    eager_state=True,
+)

@@ -1,0 +1,106 @@
+"""The batch API over named tensors: registry, ``step``, finiteness, effective learning rate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import fused as _fused
+from .adagrad import ADAGRAD
+from .base import OptimizerDef, ParamState
+from .rmsprop import RMSPROP
+from .sgd import SGD
+
+OPTIMIZERS: dict[str, OptimizerDef] = {o.name: o for o in (RMSPROP, ADAGRAD, SGD)}
+"""Every optimizer by its wire name."""
+
+GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Gradient dtypes accepted and cast to the parameter's dtype."""
+
+
+class UnknownOptimizerError(ValueError, KeyError):
+    """An optimizer name we do not have; both a ValueError and a KeyError for callers."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def get_optimizer(name: str) -> OptimizerDef:
+    """The optimizer called ``name`` (case-insensitive); the error lists the allowed names."""
+    try:
+        return OPTIMIZERS[name.lower()]
+    except (KeyError, AttributeError):
+        raise UnknownOptimizerError(
+            f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}"
+        ) from None
+
+
+def _prepare(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None]
+             ) -> list[tuple[str, Tensor, Tensor]]:
+    """Check every gradient before anything changes, and cast it to its parameter's dtype."""
+    unknown = [n for n in grads if n not in params]
+    if unknown:
+        raise ValueError(f"gradients for unknown parameters: {sorted(unknown)}")
+    work: list[tuple[str, Tensor, Tensor]] = []
+    for name, param in params.items():
+        grad = grads.get(name)
+        if grad is None:
+            continue
+        if not param.is_floating_point():
+            raise ValueError(f"parameter {name!r} has dtype {param.dtype}, not floating point")
+        if grad.dtype not in GRAD_DTYPES:
+            raise ValueError(f"gradient {name!r} has dtype {grad.dtype}; allowed: "
+                             f"{', '.join(str(d).removeprefix('torch.') for d in GRAD_DTYPES)}")
+        if grad.shape != param.shape:
+            raise ValueError(f"gradient {name!r} has shape {tuple(grad.shape)}, "
+                             f"parameter has {tuple(param.shape)}")
+        if grad.is_sparse:
+            raise ValueError(f"gradient {name!r} is sparse; only dense gradients are supported")
+        work.append((name, param, grad.to(device=param.device, dtype=param.dtype)))
+    return work
+
+
+def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tensor | None],
+         state: dict[str, ParamState], hp: Any, fused: bool = False) -> None:
+    """One optimizer step, in place, like ``torch.optim.<X>.step()`` with these gradients.
+
+    A missing or None gradient leaves its parameter and state alone (no step counted);
+    state is created on a parameter's first gradient. ``fused`` asks for the compiled
+    one-pass update where it is available (see ``optserve.optim.fused``); the plain path is
+    bitwise equal to torch. Gradients are validated before anything changes.
+    """
+    if not isinstance(hp, opt.hyperparams):
+        raise TypeError(f"{opt.name} needs {opt.hyperparams.__name__}, got {type(hp).__name__}")
+    work = _prepare(params, grads)
+    kernels = _fused.kernels_for(opt, hp, (p for _, p, _ in work)) if fused else {}
+    with torch.no_grad():
+        for name, param, grad in work:
+            st = state.setdefault(name, {})
+            kernel = kernels.get((param.dtype, param.device)) if kernels else None
+            if (kernel is None or not _fused.eligible(param)
+                    or not opt.fused_update(kernel, param, grad, st, hp)):
+                opt.update(param, grad, st, hp)
+            if not st:  # SGD without momentum keeps no state, as torch
+                del state[name]
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether no tensor holds NaN or +-inf (the engine refuses steps that fail this)."""
+    for t in tensors:
+        floating = t.is_floating_point() or t.is_complex()
+        if floating and t.numel() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+def effective_lr(opt: OptimizerDef, hp: Any, param_state: ParamState) -> Tensor | None:
+    """The per-element step size from a parameter's state (stats endpoint), or None.
+
+    RMSprop: lr / (sqrt(v) + eps), v = square_avg (centered: square_avg - grad_avg**2).
+    Adagrad: clr / (sqrt(sum) + eps), clr = lr / (1 + (step - 1) * lr_decay). SGD: None.
+    """
+    with torch.no_grad():
+        return opt.effective_lr(hp, param_state)

@@ -1,0 +1,159 @@
+"""RMSprop, as ``torch.optim.RMSprop`` computes it on CPU (``_single_tensor_rmsprop``).
+
+The plain update repeats torch's ops one for one (same ops, same order, same scalars),
+which is what makes it bitwise equal. Torch's CPU default is that single-tensor path:
+``foreach=None`` resolves to False because CPU is not a foreach device.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, flat_opt, new_step
+from .hyperparams import RMSpropHyperparams
+
+
+def init_state(param: Tensor, hp: RMSpropHyperparams) -> ParamState:
+    """Torch's state for a parameter's first gradient (same keys, same insertion order)."""
+    st: ParamState = {
+        "step": new_step(),
+        "square_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+    }
+    if hp.momentum > 0:
+        st["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    if hp.centered:
+        st["grad_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return st
+
+
+def _complete(param: Tensor, st: ParamState, hp: RMSpropHyperparams) -> None:
+    """Create missing entries; momentum or centering switched on later start from zeros."""
+    if not st:
+        st.update(init_state(param, hp))
+        return
+    if "step" not in st:
+        st["step"] = new_step()
+    for key, wanted in (("square_avg", True), ("momentum_buffer", hp.momentum > 0),
+                        ("grad_avg", hp.centered)):
+        if wanted and key not in st:
+            st[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def update(param: Tensor, grad: Tensor, st: ParamState, hp: RMSpropHyperparams) -> None:
+    """One step in place; mirrors ``torch.optim.rmsprop._single_tensor_rmsprop``."""
+    _complete(param, st, hp)
+    lr, alpha, eps = hp.lr, hp.alpha, hp.eps
+    step = st["step"]
+    grad = grad if not hp.maximize else -grad
+    square_avg = st["square_avg"]
+
+    step += 1
+
+    if hp.weight_decay != 0:
+        grad = grad.add(param, alpha=hp.weight_decay)
+
+    square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+
+    if hp.centered:
+        grad_avg = st["grad_avg"]
+        grad_avg.lerp_(grad, 1 - alpha)
+        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+    else:
+        avg = square_avg.sqrt()
+    avg = avg.add_(eps)
+
+    if hp.momentum > 0:
+        buf = st["momentum_buffer"]
+        buf.mul_(hp.momentum).addcdiv_(grad, avg)
+        param.add_(buf, alpha=-lr)
+    else:
+        param.addcdiv_(grad, avg, value=-lr)
+
+
+def fused_flags(hp: RMSpropHyperparams) -> tuple[bool, ...]:
+    """(centered, momentum > 0, maximize, weight_decay != 0)."""
+    return (hp.centered, hp.momentum > 0, hp.maximize, hp.weight_decay != 0)
+
+
+def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
+    """The update as one expression per output, for inductor to fuse into one pass."""
+    centered, use_momentum, maximize, use_wd = flags
+
+    def rmsprop_kernel(param: Tensor, grad: Tensor, square_avg: Tensor,
+                       grad_avg: Tensor | None, buf: Tensor | None, neg_lr: Tensor,
+                       alpha: Tensor, one_minus_alpha: Tensor, eps: Tensor, wd: Tensor,
+                       momentum: Tensor) -> None:
+        g = -grad if maximize else grad
+        if use_wd:
+            g = g + wd * param
+        sa = square_avg * alpha + one_minus_alpha * g * g
+        square_avg.copy_(sa)
+        if centered:
+            assert grad_avg is not None
+            ga = torch.lerp(grad_avg, g, one_minus_alpha)
+            grad_avg.copy_(ga)
+            avg = (sa - ga * ga).sqrt() + eps
+        else:
+            avg = sa.sqrt() + eps
+        if use_momentum:
+            assert buf is not None
+            b = buf * momentum + g / avg
+            buf.copy_(b)
+            param.copy_(param + neg_lr * b)
+        else:
+            param.copy_(param + neg_lr * (g / avg))
+
+    return rmsprop_kernel
+
+
+@lru_cache(maxsize=512)
+def _scalars(hp: RMSpropHyperparams, dtype: torch.dtype,
+             device: torch.device) -> tuple[Tensor, ...]:
+    """The kernel's scalar arguments, computed in Python double as torch does, then cast."""
+    values = (-hp.lr, hp.alpha, 1 - hp.alpha, hp.eps, hp.weight_decay, hp.momentum)
+    return tuple(torch.tensor(v, dtype=dtype, device=device) for v in values)
+
+
+def fused_update(kernel: Kernel, param: Tensor, grad: Tensor, st: ParamState,
+                 hp: RMSpropHyperparams) -> bool:
+    """Count the step and run the compiled kernel on 1-D views of everything."""
+    _complete(param, st, hp)
+    square_avg = st["square_avg"]
+    grad_avg = st["grad_avg"] if hp.centered else None
+    buf = st["momentum_buffer"] if hp.momentum > 0 else None
+    if not flat_ok(param, square_avg, grad_avg, buf):
+        return False
+    kernel(flat(param), flat_grad(grad), flat(square_avg), flat_opt(grad_avg), flat_opt(buf),
+           *_scalars(hp, param.dtype, param.device))
+    st["step"] += 1  # after the kernel: a kernel that raises leaves the count alone
+    return True
+
+
+def effective_lr(hp: RMSpropHyperparams, st: ParamState) -> Tensor | None:
+    """lr / (sqrt(v) + eps), v = square_avg (centered: minus grad_avg squared), as torch's docs."""
+    square_avg = st.get("square_avg")
+    if square_avg is None:
+        return None
+    grad_avg = st.get("grad_avg")
+    if hp.centered and grad_avg is not None:
+        v = square_avg.addcmul(grad_avg, grad_avg, value=-1)
+    else:
+        v = square_avg
+    return hp.lr / v.sqrt().add_(hp.eps)
+
+
+RMSPROP = OptimizerDef(
+    name="rmsprop",
+    hyperparams=RMSpropHyperparams,
+    torch_class=torch.optim.RMSprop,
+    state_keys=("step", "square_avg", "momentum_buffer", "grad_avg"),
+    init_state=init_state,
+    update=update,
+    fused_flags=fused_flags,
+    fused_kernel=fused_kernel,
+    fused_update=fused_update,
+    effective_lr=effective_lr,
+)

@@ -1,0 +1,105 @@
+"""SGD, as ``torch.optim.SGD`` computes it on CPU (``_single_tensor_sgd``).
+
+SGD keeps state only with momentum: ``momentum_buffer`` starts as a copy of the first
+(decayed, sign-adjusted) gradient, as in torch, including when momentum is switched on later.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, flat_opt
+from .hyperparams import SGDHyperparams
+
+
+def init_state(param: Tensor, hp: SGDHyperparams) -> ParamState:
+    """No state before the first step: torch creates the buffer from the first gradient."""
+    return {}
+
+
+def update(param: Tensor, grad: Tensor, st: ParamState, hp: SGDHyperparams) -> None:
+    """One step in place; mirrors ``torch.optim.sgd._single_tensor_sgd`` (float hyperparams)."""
+    grad = grad if not hp.maximize else -grad
+
+    if hp.weight_decay != 0:
+        grad = grad.add(param, alpha=hp.weight_decay)
+
+    if hp.momentum != 0:
+        buf = st.get("momentum_buffer")
+        if buf is None:
+            # torch: grad.detach().clone(); same values, laid out like the parameter.
+            buf = torch.empty_like(param, memory_format=torch.preserve_format).copy_(grad)
+            st["momentum_buffer"] = buf
+        else:
+            buf.mul_(hp.momentum).add_(grad, alpha=1 - hp.dampening)
+
+        grad = grad.add(buf, alpha=hp.momentum) if hp.nesterov else buf
+
+    param.add_(grad, alpha=-hp.lr)
+
+
+def fused_flags(hp: SGDHyperparams) -> tuple[bool, ...]:
+    """(momentum != 0, nesterov, maximize, weight_decay != 0)."""
+    return (hp.momentum != 0, hp.nesterov, hp.maximize, hp.weight_decay != 0)
+
+
+def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
+    """The update as one expression per output, for inductor to fuse into one pass."""
+    use_momentum, nesterov, maximize, use_wd = flags
+
+    def sgd_kernel(param: Tensor, grad: Tensor, buf: Tensor | None, neg_lr: Tensor,
+                   wd: Tensor, momentum: Tensor, one_minus_dampening: Tensor) -> None:
+        g = -grad if maximize else grad
+        if use_wd:
+            g = g + wd * param
+        if use_momentum:
+            assert buf is not None
+            b = buf * momentum + one_minus_dampening * g
+            buf.copy_(b)
+            g = g + momentum * b if nesterov else b
+        param.copy_(param + neg_lr * g)
+
+    return sgd_kernel
+
+
+@lru_cache(maxsize=512)
+def _scalars(hp: SGDHyperparams, dtype: torch.dtype,
+             device: torch.device) -> tuple[Tensor, ...]:
+    """The kernel's scalar arguments, computed in Python double as torch does, then cast."""
+    values = (-hp.lr, hp.weight_decay, hp.momentum, 1 - hp.dampening)
+    return tuple(torch.tensor(v, dtype=dtype, device=device) for v in values)
+
+
+def fused_update(kernel: Kernel, param: Tensor, grad: Tensor, st: ParamState,
+                 hp: SGDHyperparams) -> bool:
+    """Run the kernel; the first momentum step (buffer = gradient copy) stays plain."""
+    buf = st.get("momentum_buffer") if hp.momentum != 0 else None
+    if hp.momentum != 0 and buf is None:
+        return False
+    if not flat_ok(param, buf):
+        return False
+    kernel(flat(param), flat_grad(grad), flat_opt(buf),
+           *_scalars(hp, param.dtype, param.device))
+    return True
+
+
+def effective_lr(hp: SGDHyperparams, st: ParamState) -> Tensor | None:
+    """SGD has no per-element step size: None (the step size is ``lr`` everywhere)."""
+    return None
+
+
+SGD = OptimizerDef(
+    name="sgd",
+    hyperparams=SGDHyperparams,
+    torch_class=torch.optim.SGD,
+    state_keys=("momentum_buffer",),
+    init_state=init_state,
+    update=update,
+    fused_flags=fused_flags,
+    fused_kernel=fused_kernel,
+    fused_update=fused_update,
+    effective_lr=effective_lr,
+)

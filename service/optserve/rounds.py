@@ -1,0 +1,343 @@
+"""Sync mode: a round collects contributions for one version, then applies one averaged step.
+
+Contributions live in Redis (the session's ``round`` hash), so any server process can take
+one and any can close the round; the session lock and the WATCH on the tensors make exactly
+one process apply it. Waiters are woken through Redis pub/sub, with a once-a-second look at
+the round's outcome key as a safety net; at the deadline any waiter closes the round (with at
+least ``min_contributions``) or fails it, so a worker that dies mid-round hangs nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from redis.asyncio import Redis
+
+from optserve_client.wire import FLOAT_DTYPES, WireTensor
+
+from .api.problems import Problem
+from .engine import Engine, Loaded, StepOutcome, check_finite, check_tensors
+from .store import keys
+from .store.redis_store import SessionBusy, StepTxn, StoreConflict
+from .tensors import DTYPES, from_bytes, to_bytes
+
+log = logging.getLogger("optserve")
+
+Encoder = Callable[[Mapping[str, Any]], bytes]
+
+
+class RoundNotifier:
+    """One pub/sub subscription per process, fanning round closures out to waiting requests."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def future(self, token: str) -> asyncio.Future[None]:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._listen())
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(token, []).append(fut)
+        return fut
+
+    def forget(self, token: str, fut: asyncio.Future[None]) -> None:
+        futs = self.waiters.get(token, [])
+        if fut in futs:
+            futs.remove(fut)
+        if not futs:
+            self.waiters.pop(token, None)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(keys.ROUNDS_CHANNEL)
+                async for message in pubsub.listen():
+                    token = json.loads(message["data"]).get("token")
+                    for fut in self.waiters.pop(token, []):
+                        if not fut.done():
+                            fut.set_result(None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis went away: waiters fall back to their checks
+                log.debug("round notifier reconnecting after %s", exc)
+                await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+
+
+class SyncRounds:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.redis = engine.store.redis
+        self.notifier = RoundNotifier(self.redis)
+
+    def _ttl(self, meta: Mapping[str, Any]) -> int:
+        return int(max(300, 2 * meta["sync"]["timeout_s"] + 60))
+
+    async def contribute(self, meta: dict[str, Any], grads: dict[str, WireTensor], *,
+                         idempotency_key: str | None, base_version: int | None,
+                         if_match: int | None, weight: float,
+                         encode: Encoder | None) -> StepOutcome:
+        sid = meta["id"]
+        if idempotency_key is not None:
+            replay = await self.engine._replay(meta, idempotency_key, encode)
+            if replay is not None:
+                return replay
+        cid = idempotency_key or secrets.token_hex(12)
+        try:
+            async with self.store.step_txn(sid) as txn:
+                meta, version = self._checks(txn, base_version, if_match)
+                check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
+                              dtypes=FLOAT_DTYPES)
+                check_finite(grads, "cpu", "gradient")
+                head = await self._round_head(sid, cid)
+                if head is not None and head["v"] == version and head["deadline"] <= time.time():
+                    # An expired round nobody closed: settle it before this contribution.
+                    outcome = await self._settle(txn, meta, version, head, None)
+                    if outcome is not None:
+                        raise Problem(409, "round_closed", f"the round for version {version} "
+                                      "closed at its deadline; pull the new parameters",
+                                      current_version=outcome.version)
+                    return await self.contribute(meta, grads, idempotency_key=idempotency_key,
+                                                 base_version=base_version, if_match=if_match,
+                                                 weight=weight, encode=encode)
+                if head is None or head["v"] != version:
+                    head = {"token": secrets.token_hex(12), "v": version, "n": 0,
+                            "deadline": time.time() + meta["sync"]["timeout_s"], "mine": False,
+                            "new": True}
+                token = head["token"]
+                fut = self.notifier.future(token)
+                try:
+                    if head["mine"]:  # a retry of a contribution already in this round
+                        await txn.finish()
+                        n = head["n"]
+                    else:
+                        n = head["n"] + 1
+                        cmds = self._add_cmds(sid, head, cid, weight, grads,
+                                              idempotency_key is not None, meta)
+                        if n >= meta["sync"]["contributions"]:
+                            mine = {"weight": weight, "grads": grads,
+                                    "idem": idempotency_key is not None}
+                            outcome = await self._close(txn, meta, version, token, encode,
+                                                        pending=(cid, mine))
+                            return outcome
+                        await txn.execute(cmds)
+                except BaseException:
+                    self.notifier.forget(token, fut)
+                    raise
+        except SessionBusy as exc:
+            raise Problem(503, "session_busy", str(exc), headers={"Retry-After": "1"}) from None
+        except StoreConflict as exc:
+            raise Problem(503, "session_busy", f"{exc}; retry", headers={"Retry-After": "1"}
+                          ) from None
+        return await self._wait(meta, token, head["deadline"], fut, encode)
+
+    def _checks(self, txn: StepTxn, base_version: int | None, if_match: int | None
+                ) -> tuple[dict[str, Any], int]:
+        if txn.meta is None:
+            raise Problem(404, "session_not_found", f"session {txn.sid} was deleted")
+        version = txn.version
+        if version is None:
+            raise Problem(409, "no_params", "the session has no parameters yet",
+                          current_version=None)
+        if if_match is not None and if_match != version:
+            raise Problem(412, "version_mismatch", f"If-Match names version {if_match}, the "
+                          f"session is at {version}", current_version=version)
+        target = version if base_version is None else base_version
+        if target > version:
+            raise Problem(409, "future_version", f"round {target} is ahead of the session's "
+                          f"version {version}", current_version=version)
+        if target < version:
+            raise Problem(409, "round_closed", f"the round for version {target} is closed; "
+                          f"the session is at {version}", current_version=version)
+        return txn.meta, version
+
+    async def _round_head(self, sid: str, cid: str) -> dict[str, Any] | None:
+        token, v, deadline, n, mine = await self.redis.hmget(
+            keys.round_(sid), ["token", "v", "deadline", "n", f"w.{cid}"])
+        if token is None:
+            return None
+        return {"token": token.decode(), "v": int(v), "deadline": float(deadline),
+                "n": int(n or 0), "mine": mine is not None, "new": False}
+
+    def _add_cmds(self, sid: str, head: Mapping[str, Any], cid: str, weight: float,
+                  grads: Mapping[str, WireTensor], idem: bool,
+                  meta: Mapping[str, Any]) -> list[Any]:
+        rkey = keys.round_(sid)
+        info = {"weight": weight, "idem": idem,
+                "dtypes": {n: g.dtype for n, g in grads.items()}}
+        fields: list[Any] = [f"w.{cid}", json.dumps(info)]
+        for name, g in grads.items():
+            fields += [f"g.{cid}.{name}", g.data]
+        if head["new"]:
+            fields += ["token", head["token"], "v", str(head["v"]),
+                       "deadline", repr(head["deadline"])]
+        return [("HSET", rkey, *fields), ("HINCRBY", rkey, "n", 1),
+                ("EXPIRE", rkey, self._ttl(meta))]
+
+    async def _contributions(self, sid: str, meta: Mapping[str, Any]
+                             ) -> dict[str, dict[str, Any]]:
+        raw = await self.redis.hgetall(keys.round_(sid))
+        out: dict[str, dict[str, Any]] = {}
+        declared = meta["tensors"]
+        for f, v in raw.items():
+            field = f.decode()
+            if field.startswith("w."):
+                info = json.loads(v)
+                out.setdefault(field[2:], {"grads": {}}).update(
+                    weight=info["weight"], idem=info["idem"], dtypes=info["dtypes"])
+        for f, v in raw.items():
+            field = f.decode()
+            if field.startswith("g."):
+                cid, _, name = field[2:].partition(".")
+                c = out.get(cid)
+                if c is None or name not in declared:
+                    continue
+                c["grads"][name] = WireTensor(c["dtypes"][name], tuple(declared[name]["shape"]),
+                                              memoryview(v))
+        return out
+
+    def _mean(self, meta: Mapping[str, Any], contributions: Mapping[str, Mapping[str, Any]]
+              ) -> dict[str, torch.Tensor]:
+        """Weighted mean per tensor, over the contributions that carry it (float64 sums)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, spec in meta["tensors"].items():
+            acc: torch.Tensor | None = None
+            total = 0.0
+            for cid in sorted(contributions):
+                c = contributions[cid]
+                g = c["grads"].get(name)
+                if g is None:
+                    continue
+                t = from_bytes(g.data, g.dtype, g.shape, writable=False).to(torch.float64)
+                acc = t * c["weight"] if acc is None else acc.add_(t, alpha=c["weight"])
+                total += c["weight"]
+            if acc is not None:
+                out[name] = (acc / total).to(DTYPES[spec["dtype"]])
+        return out
+
+    async def _close(self, txn: StepTxn, meta: dict[str, Any], version: int, token: str,
+                     encode: Encoder | None,
+                     pending: tuple[str, dict[str, Any]] | None = None) -> StepOutcome:
+        sid = meta["id"]
+        contributions = await self._contributions(sid, meta)
+        if pending is not None:
+            contributions[pending[0]] = pending[1]
+        grads = self._mean(meta, contributions)
+        idem_keys = [cid for cid, c in contributions.items() if c["idem"]]
+        ttl = self._ttl(meta)
+
+        def extra(loaded: Loaded) -> list[Any]:
+            outcome = json.dumps({"status": "closed", "version": loaded.version})
+            params: list[Any] = []
+            for n, t in loaded.params.items():
+                params += [keys.param_field(n), to_bytes(t)]
+            return [
+                ("DEL", keys.round_(sid)),
+                ("SET", keys.round_outcome(sid, token), outcome, "EX", ttl),
+                ("HSET", keys.round_params(sid, token), *params),
+                ("EXPIRE", keys.round_params(sid, token), ttl),
+                ("PUBLISH", keys.ROUNDS_CHANNEL, json.dumps({"sid": sid, "token": token})),
+            ]
+
+        try:
+            return await self.engine._step_locked(txn, meta, version, grads, None, encode,
+                                                  extra_idempotency_keys=idem_keys, extra=extra)
+        except Problem as exc:
+            if exc.code != "non_finite_result":
+                raise
+            # The averaged step is unusable: fail the round rather than retry it forever.
+            await self._fail(txn, meta, version, token, len(contributions), exc.code)
+            raise
+
+    async def _fail(self, txn: StepTxn, meta: Mapping[str, Any], version: int, token: str,
+                    received: int, reason: str) -> None:
+        sid = meta["id"]
+        outcome = json.dumps({"status": "failed", "version": version, "received": received,
+                              "reason": reason})
+        await txn.execute([
+            ("DEL", keys.round_(sid)),
+            ("SET", keys.round_outcome(sid, token), outcome, "EX", self._ttl(meta)),
+            ("PUBLISH", keys.ROUNDS_CHANNEL, json.dumps({"sid": sid, "token": token})),
+        ])
+
+    async def _settle(self, txn: StepTxn, meta: dict[str, Any], version: int,
+                      head: Mapping[str, Any], encode: Encoder | None) -> StepOutcome | None:
+        """At the deadline: step with what arrived (if enough), else fail the round."""
+        if head["n"] >= meta["sync"]["min_contributions"]:
+            with contextlib.suppress(Problem):  # a non-finite result fails the round
+                return await self._close(txn, meta, version, head["token"], encode)
+            return None
+        await self._fail(txn, meta, version, head["token"], head["n"], "too_few_contributions")
+        return None
+
+    async def _wait(self, meta: dict[str, Any], token: str, deadline: float,
+                    fut: asyncio.Future[None], encode: Encoder | None) -> StepOutcome:
+        sid = meta["id"]
+        try:
+            while True:
+                raw = await self.redis.get(keys.round_outcome(sid, token))
+                if raw is not None:
+                    return await self._outcome(meta, token, json.loads(raw), encode)
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    await self._expire(meta, token)
+                    deadline = time.time() + 1.0  # then read the outcome it wrote
+                    continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut), timeout=min(remaining, 1.0))
+        finally:
+            self.notifier.forget(token, fut)
+
+    async def _expire(self, meta: dict[str, Any], token: str) -> None:
+        sid = meta["id"]
+        try:
+            async with self.store.step_txn(sid) as txn:
+                head = await self._round_head(sid, "-")
+                if head is None or head["token"] != token or txn.version is None \
+                        or txn.meta is None:
+                    return  # someone else settled it
+                await self._settle(txn, txn.meta, txn.version, head, None)
+        except (SessionBusy, StoreConflict):
+            return  # another process is settling it; its outcome will be read
+
+    async def _outcome(self, meta: Mapping[str, Any], token: str, outcome: Mapping[str, Any],
+                       encode: Encoder | None) -> StepOutcome:
+        if outcome["status"] == "failed" and outcome.get("reason") == "non_finite_result":
+            raise Problem(409, "round_failed", "the round's averaged step would make parameters "
+                          "NaN or infinite; nothing was applied",
+                          current_version=outcome["version"], reason="non_finite_result")
+        if outcome["status"] == "failed":
+            raise Problem(409, "round_failed", f"the round for version {outcome['version']} "
+                          f"timed out with {outcome.get('received', 0)} contribution(s), fewer "
+                          f"than min_contributions={meta['sync']['min_contributions']}; "
+                          "nothing was applied", current_version=outcome["version"])
+        version = int(outcome["version"])
+        body = None
+        if encode is not None:
+            raw = await self.redis.hgetall(keys.round_params(meta["id"], token))
+            declared = meta["tensors"]
+            tensors = {}
+            for n, spec in declared.items():
+                data = raw.get(keys.param_field(n).encode())
+                if data is None:
+                    raise Problem(503, "round_expired", "the round's parameters expired; GET "
+                                  "the session's params", headers={"Retry-After": "0"})
+                tensors[n] = WireTensor(spec["dtype"], tuple(spec["shape"]), memoryview(data))
+            body = encode(tensors)
+        return StepOutcome(version, body)
