@@ -87,8 +87,3 @@ def flat_grad(t: Tensor) -> Tensor:
 def flat_opt(t: Tensor | None) -> Tensor | None:
     """:func:`flat` for optional state (a kernel flag that is off passes None)."""
     return None if t is None else flat(t)
-
-
-def scalar(value: float, like: Tensor) -> Tensor:
-    """A 0-dim tensor for a kernel argument: a tensor, so a new value does not recompile."""
-    return torch.tensor(value, dtype=like.dtype, device=like.device)

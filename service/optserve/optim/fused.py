@@ -11,11 +11,9 @@ How it stays cheap and correct:
 - Tensors are passed as 1-D aliases with ``dynamic=True``: one graph serves every size.
   Small tensors (see ``FUSED_MIN_NUMEL``) and non-contiguous ones take the plain path.
 - lr, alpha, eps, ... are 0-dim tensors, so a new learning rate each step (schedulers) reuses
-  the compiled code. The step counter is incremented eagerly, outside the kernel.
+  the compiled code. The step counter is incremented eagerly, after the kernel ran.
 - The first use of a key compiles on dummy data under a lock; :func:`warmup` does this ahead
   of time. A failed compile logs once and leaves that key on the plain path.
-
-Tensors under ``FUSED_MIN_NUMEL`` elements take the plain path even with ``fused=True``.
 
 ``OPTSERVE_FUSED``: ``off`` never compiles, ``auto`` (default) compiles and falls back on
 failure, ``on`` compiles and raises on failure.
@@ -107,6 +105,14 @@ def _build(opt: OptimizerDef, hp: Any, key: _KernelKey) -> Kernel:
     return kernel
 
 
+def _cached(key: _KernelKey, mode: FusedMode) -> Kernel | None:
+    """A known kernel; under ``on``, a compile that failed before (in ``auto``) raises."""
+    kernel = _KERNELS[key]
+    if kernel is None and mode == "on":
+        raise RuntimeError(f"torch.compile failed earlier for {key}; OPTSERVE_FUSED=on")
+    return kernel
+
+
 def get_kernel(opt: OptimizerDef, hp: Any, dtype: torch.dtype,
                device: torch.device) -> Kernel | None:
     """The compiled kernel for these hyperparameters' flags, or None (plain path)."""
@@ -114,13 +120,11 @@ def get_kernel(opt: OptimizerDef, hp: Any, dtype: torch.dtype,
     if mode == "off":
         return None
     key = _key(opt, hp, dtype, device)
-    try:
-        return _KERNELS[key]
-    except KeyError:
-        pass
+    if key in _KERNELS:
+        return _cached(key, mode)
     with _LOCK:
         if key in _KERNELS:
-            return _KERNELS[key]
+            return _cached(key, mode)
         kernel: Kernel | None
         try:
             kernel = _build(opt, hp, key)
