@@ -136,19 +136,21 @@ def test_redis_outage_gives_503_then_recovers(tmp_path) -> None:
 
 def test_fused_path_matches_torch(fused_server: str) -> None:
     torch.manual_seed(1)
-    w0 = torch.randn(1000)
+    n = 100_000  # above OPTSERVE_FUSED_MIN_NUMEL, so the compiled kernel runs
+    w0 = torch.randn(n)
     hp = {"lr": 0.01, "alpha": 0.9, "momentum": 0.9, "centered": True}
     with httpx.Client(base_url=fused_server, timeout=120) as c:
         s = create(c, {"w": w0}, hyperparams=hp)
         local = w0.clone().requires_grad_(True)
         opt = torch.optim.RMSprop([local], **hp)
         for _ in range(20):
-            g = torch.randn(1000) * 10
+            g = torch.randn(n) * 10
             local.grad = g.clone()
             opt.step()
             r = step(c, s["id"], {"w": g})
             assert r.status_code == 200, r.text
         torch.testing.assert_close(decode(r)["w"], local.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(decode(r)["w"], w0)
 
 
 @pytest.mark.gpu

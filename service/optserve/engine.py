@@ -174,6 +174,28 @@ class Engine:
         self.device = settings.torch_device()
         self.fused = settings.fused != "off"
         self.cache = TensorCache(settings.cache_bytes)
+        self._warmed: set[tuple[Any, ...]] = set()
+
+    def warm(self, meta: Mapping[str, Any]) -> None:
+        """Compile the session's fused kernel in the background, off the first step's path."""
+        if not self.fused or optim.fused_mode() == "off":
+            return
+        from .optim import fused
+
+        dtypes = {spec["dtype"] for spec in meta["tensors"].values()
+                  if math.prod(spec["shape"]) >= fused.FUSED_MIN_NUMEL}
+        if not dtypes:
+            return
+        opt = optim.get_optimizer(meta["optimizer"])
+        hp = opt.hyperparams.model_validate(meta["hyperparams"])
+        for dtype in dtypes:
+            key = (opt.name, opt.fused_flags(hp), dtype)
+            if key in self._warmed:
+                continue
+            self._warmed.add(key)
+            threading.Thread(target=optim.warmup, args=(opt, hp, getattr(torch, dtype),
+                                                        self.device),
+                             name="optserve-warmup", daemon=True).start()
 
     # ------------------------------------------------------------------ loading
 

@@ -197,6 +197,7 @@ async def create_session(request: Request, response: Response, tenant: str = Dep
         "created_at": now(),
     }
     await store.create(meta, fields)
+    request.app.state.engine.warm(meta)
     response.headers["Location"] = f"/v1/sessions/{meta['id']}"
     response.headers.update(version_headers(0 if fields is not None else None))
     return document(meta, {keys.VERSION: 0 if fields is not None else None})
@@ -252,6 +253,7 @@ async def patch_session(request: Request, response: Response,
         if "name" in fields_set:
             meta["name"] = body.name
         await store.put_meta(meta)
+    request.app.state.engine.warm(meta)
     doc = document(meta, head)
     response.headers.update(version_headers(doc["version"]))
     return doc

@@ -117,6 +117,7 @@ async def put_params(request: Request, meta: dict[str, Any] = Depends(session_me
             raise Problem(503, "session_busy", str(exc), headers={"Retry-After": "1"}) from None
         engine.cache.drop(sid)
         meta = new_meta or meta
+    engine.warm(meta)
     doc = await current_document(store, meta)
     return Response(json.dumps(doc), media_type="application/json",
                     headers=version_headers(doc["version"]))
@@ -256,6 +257,7 @@ async def put_state(request: Request, meta: dict[str, Any] = Depends(session_met
         except StoreConflict as exc:
             raise Problem(503, "session_busy", str(exc), headers={"Retry-After": "1"}) from None
         engine.cache.drop(sid)
+    engine.warm(new_meta)
     doc = await current_document(store, new_meta)
     return Response(json.dumps(doc), media_type="application/json",
                     headers=version_headers(doc["version"]))
