@@ -275,18 +275,27 @@ def _raw(value: Any) -> tuple[str, tuple[int, ...], memoryview]:
 
         return name, shape, memoryview(flat.view(torch.uint8).numpy()).cast("B")
     arr = np.asarray(value)
+    shape = tuple(arr.shape)  # before ascontiguousarray, which makes 0-dim arrays 1-dim
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     arr = np.ascontiguousarray(arr)
     name = arr.dtype.name
     if name not in _NAME_TO_CODE:
         raise TypeError(f"cannot send an array of {arr.dtype}")
-    return name, tuple(arr.shape), memoryview(arr.reshape(-1).view(np.uint8)).cast("B")
+    return name, shape, memoryview(arr.reshape(-1).view(np.uint8)).cast("B")
 
 
 def encode_safetensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
                        ) -> bytes:
     """Serialize to safetensors with one copy of each tensor's bytes (into the result)."""
+    return b"".join(encode_safetensors_parts(tensors, metadata))
+
+
+def encode_safetensors_parts(tensors: Mapping[str, Any],
+                             metadata: Mapping[str, str] | None = None
+                             ) -> list[bytes | memoryview]:
+    """The safetensors file as pieces (header, then each tensor's own memory), for writers
+    that send a list of buffers and so need no joined copy."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -303,7 +312,7 @@ def encode_safetensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] |
         parts.append(data)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
-    return b"".join([struct.pack("<Q", len(head)), head, *parts])
+    return [struct.pack("<Q", len(head)), head, *parts]
 
 
 def encode_json(tensors: Mapping[str, Any]) -> bytes:

@@ -74,6 +74,15 @@ class TensorCache:
                 oldest = next(iter(self._items))
                 self._remove(oldest)
 
+    def take(self, sid: str, version: int) -> Loaded | None:
+        """Remove and return the entry: the caller owns those tensors until it puts them back."""
+        with self._mutex:
+            item = self._items.get(sid)
+            if item is None:
+                return None
+            self._remove(sid)
+            return item if item.version == version else None
+
     def drop(self, sid: str) -> None:
         with self._mutex:
             self._remove(sid)
@@ -84,12 +93,18 @@ class TensorCache:
             self._bytes -= item.nbytes
 
 
+Body = list[bytes | memoryview]
+
+
 @dataclass
 class StepOutcome:
     version: int
-    body: bytes | None
+    body: Body | None
     replayed: bool = False
     stats: dict[str, float] = field(default_factory=dict)
+    # Called once the response is sent: gives the step's tensors back to the cache (the
+    # body may point into them, so no other step may touch them before).
+    after_send: Callable[[], None] | None = None
 
 
 def _numel(t: WireTensor | torch.Tensor) -> int:
@@ -228,7 +243,7 @@ class Engine:
 
     async def load(self, meta: Mapping[str, Any], version: int) -> Loaded:
         sid = meta["id"]
-        cached = self.cache.get(sid, version)
+        cached = self.cache.take(sid, version)
         if cached is not None:
             return cached
         stored_version, fields = await self.store.load(sid)
@@ -253,7 +268,7 @@ class Engine:
         idempotency_key: str | None,
         base_version: int | None,
         if_match: int | None,
-        encode: Callable[[Mapping[str, Any]], bytes] | None,
+        encode: Callable[[Mapping[str, Any]], Body] | None,
     ) -> StepOutcome:
         sid = meta["id"]
         if idempotency_key is not None:
@@ -308,7 +323,7 @@ class Engine:
                               current_version=version)
 
     async def _replay(self, meta: Mapping[str, Any], key: str,
-                      encode: Callable[[Mapping[str, Any]], bytes] | None) -> StepOutcome | None:
+                      encode: Callable[[Mapping[str, Any]], Body] | None) -> StepOutcome | None:
         record = await self.store.get_idempotency(meta["id"], key)
         if record is None:
             return None
@@ -318,8 +333,8 @@ class Engine:
         return StepOutcome(int(record["version"]), body, replayed=True)
 
     async def encode_params(self, meta: Mapping[str, Any],
-                            encode: Callable[[Mapping[str, Any]], bytes]
-                            ) -> tuple[int | None, bytes]:
+                            encode: Callable[[Mapping[str, Any]], Body]
+                            ) -> tuple[int | None, Body]:
         """The current parameters and their version, straight from Redis bytes to the wire."""
         declared = meta["tensors"]
         fields = [keys.param_field(n) for n in declared]
@@ -338,7 +353,7 @@ class Engine:
     async def _step_locked(self, txn: StepTxn, meta: dict[str, Any], version: int,
                            grads: Mapping[str, WireTensor | torch.Tensor],
                            idempotency_key: str | None,
-                           encode: Callable[[Mapping[str, Any]], bytes] | None,
+                           encode: Callable[[Mapping[str, Any]], Body] | None,
                            *, extra_idempotency_keys: Iterable[str] = (),
                            extra: Callable[[Loaded], list[Any]] | None = None) -> StepOutcome:
         """Apply one step to the locked session and commit it (with `extra` commands)."""
@@ -358,19 +373,20 @@ class Engine:
         more = [("SET", keys.idempotency(sid, k), json.dumps(record), "EX",
                  self.settings.idempotency_ttl_s) for k in extra_idempotency_keys]
         loaded.version = new_version
+        loaded.nbytes = sum(_nbytes(t) for t in loaded.params.values()) + sum(
+            _nbytes(t) for s in loaded.state.values() for t in s.values()
+        )
         await txn.commit(
             new_version, fields, stats=stats,
             idempotency=(idempotency_key, record) if idempotency_key else None,
             extra=more + (extra(loaded) if extra is not None else []),
         )
-        loaded.nbytes = sum(_nbytes(t) for t in loaded.params.values()) + sum(
-            _nbytes(t) for s in loaded.state.values() for t in s.values()
-        )
-        self.cache.put(sid, loaded)
         body = None
         if encode is not None:
             body = await self._offload(encode, loaded.params, numel=numel)
-        return StepOutcome(new_version, body, stats=stats)
+        # `loaded` was taken out of the cache for this step; it goes back after the send.
+        return StepOutcome(new_version, body, stats=stats,
+                           after_send=lambda: self.cache.put(sid, loaded))
 
     def _apply(self, opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
                grads: Mapping[str, WireTensor | torch.Tensor]
@@ -383,11 +399,11 @@ class Engine:
         touched = sorted(tgrads)
         with torch.no_grad():
             grad_norm = _norm(tgrads.values())
-            before = {n: loaded.params[n].clone() for n in touched}
-            optim.step(opt, loaded.params, tgrads, loaded.state, hp, fused=self.fused)
+            update_sq = optim.step(opt, loaded.params, tgrads, loaded.state, hp,
+                                   fused=self.fused)
             # The old parameters are finite, so a finite update norm proves the new ones are:
-            # one reduction serves both the statistic and the check.
-            update_norm = _norm(loaded.params[n] - before[n] for n in touched)
+            # the norm (from the fused kernel's own pass) serves as the check.
+            update_norm = math.sqrt(sum(update_sq.values()))
             if not math.isfinite(update_norm) and not optim.all_finite(
                     loaded.params[n] for n in touched):
                 for n in touched:

@@ -31,7 +31,7 @@ from .tensors import DTYPES, from_bytes, to_bytes
 
 log = logging.getLogger("optserve")
 
-Encoder = Callable[[Mapping[str, Any]], bytes]
+Encoder = Callable[[Mapping[str, Any]], list[bytes | memoryview]]
 
 
 class RoundNotifier:

@@ -65,8 +65,34 @@ _TENSOR_RESPONSE = {200: {"content": _TENSOR_CONTENT, "headers": _VERSION_HEADER
 _STATE_CONTENT = {wire.SAFETENSORS_TYPE: {"schema": _BINARY}}
 
 
-def _encoder(kind: str, metadata: dict[str, str] | None = None) -> Any:
-    return lambda tensors: wire.encode(tensors, kind, metadata)
+def _encoder(kind: str) -> Any:
+    """Tensors to body parts; safetensors parts point into the tensors (no joined copy)."""
+    if kind == wire.SAFETENSORS_TYPE:
+        return wire.encode_safetensors_parts
+    return lambda tensors: [wire.encode_json(tensors)]
+
+
+class TensorResponse(Response):
+    """A body sent as its parts (header, then each tensor's own memory), without a join."""
+
+    def __init__(self, parts: list[bytes | memoryview], media_type: str,
+                 headers: dict[str, str], after_send: Any = None) -> None:
+        super().__init__(None, 200, headers, media_type, background=None)
+        self.parts = parts
+        self.after_send = after_send
+        self.headers["content-length"] = str(sum(len(p) for p in parts))
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            last = len(self.parts) - 1
+            for i, part in enumerate(self.parts):
+                await send({"type": "http.response.body", "body": part,
+                            "more_body": i < last})
+        finally:
+            if self.after_send is not None:
+                self.after_send()
 
 
 def _if_match(request: Request, version: int | None) -> int | None:
@@ -81,7 +107,7 @@ async def get_params(request: Request, meta: dict[str, Any] = Depends(session_me
                      engine: Engine = Depends(get_engine)) -> Response:
     kind = accept(request, wire.SAFETENSORS_TYPE)
     version, body = await engine.encode_params(meta, _encoder(kind))
-    return Response(body, media_type=kind, headers=version_headers(version))
+    return TensorResponse(body, kind, version_headers(version))
 
 
 @router.put("/params", openapi_extra=_TENSOR_BODY)
@@ -158,8 +184,10 @@ async def step(
     if outcome.replayed:
         headers["Idempotent-Replayed"] = "true"
     if outcome.body is None:
+        if outcome.after_send is not None:
+            outcome.after_send()
         return Response(status_code=200, headers=headers)
-    return Response(outcome.body, media_type=out_kind, headers=headers)
+    return TensorResponse(outcome.body, out_kind, headers, outcome.after_send)
 
 
 def _weight(raw: str | None) -> float:

@@ -69,13 +69,15 @@ def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
     maximize, use_wd = flags
 
     def adagrad_kernel(param: Tensor, grad: Tensor, state_sum: Tensor, neg_clr: Tensor,
-                       eps: Tensor, wd: Tensor) -> None:
+                       eps: Tensor, wd: Tensor) -> Tensor:
         g = -grad if maximize else grad
         if use_wd:
             g = g + wd * param
         s = state_sum + g * g
         state_sum.copy_(s)
-        param.copy_(param + neg_clr * (g / (s.sqrt() + eps)))
+        upd = neg_clr * (g / (s.sqrt() + eps))
+        param.copy_(param + upd)
+        return (upd * upd).sum()  # the update's squared norm, in the same pass
 
     return adagrad_kernel
 
@@ -88,20 +90,20 @@ def _scalars(hp: AdagradHyperparams, dtype: torch.dtype,
 
 
 def fused_update(kernel: Kernel, param: Tensor, grad: Tensor, st: ParamState,
-                 hp: AdagradHyperparams) -> bool:
+                 hp: AdagradHyperparams) -> Tensor | None:
     """Count the step, compute the decayed lr in Python as torch does, run the kernel."""
     _complete(param, st, hp)
     state_sum = st["sum"]
     if not flat_ok(param, state_sum):
-        return False
+        return None
     step_t = st["step"]
     # The count torch would have after its ``step_t += 1``, in float32 arithmetic as there.
     step = (step_t + 1).item()
     neg_clr = torch.tensor(-_clr(hp, step), dtype=param.dtype, device=param.device)
-    kernel(flat(param), flat_grad(grad), flat(state_sum), neg_clr,
-           *_scalars(hp, param.dtype, param.device))
+    sq = kernel(flat(param), flat_grad(grad), flat(state_sum), neg_clr,
+                *_scalars(hp, param.dtype, param.device))
     step_t += 1  # after the kernel: a kernel that raises leaves the count alone
-    return True
+    return sq
 
 
 def effective_lr(hp: AdagradHyperparams, st: ParamState) -> Tensor | None:

@@ -20,7 +20,7 @@ from .hyperparams import Hyperparams
 ParamState = dict[str, Tensor]
 """One parameter's state, keyed by torch's state names (``step``, ``square_avg``, ...)."""
 
-Kernel = Callable[..., None]
+Kernel = Callable[..., Tensor]
 """A per-tensor update over flat (1-D) tensors and 0-dim scalar tensors, compiled or not."""
 
 
@@ -46,7 +46,7 @@ class OptimizerDef:
     update: Callable[[Tensor, Tensor, ParamState, Any], None]
     fused_flags: Callable[[Any], tuple[bool, ...]]
     fused_kernel: Callable[[tuple[bool, ...]], Kernel]
-    fused_update: Callable[[Kernel, Tensor, Tensor, ParamState, Any], bool]
+    fused_update: Callable[[Kernel, Tensor, Tensor, ParamState, Any], Tensor | None]
     effective_lr: Callable[[Any, ParamState], Tensor | None]
     eager_state: bool = False
     """True where torch creates every parameter's state in ``__init__`` (Adagrad)."""

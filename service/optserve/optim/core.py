@@ -64,27 +64,38 @@ def _prepare(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None]
 
 
 def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tensor | None],
-         state: dict[str, ParamState], hp: Any, fused: bool = False) -> None:
+         state: dict[str, ParamState], hp: Any, fused: bool = False) -> dict[str, float]:
     """One optimizer step, in place, like ``torch.optim.<X>.step()`` with these gradients.
 
     A missing or None gradient leaves its parameter and state alone (no step counted);
     state is created on a parameter's first gradient. ``fused`` asks for the compiled
     one-pass update where it is available (see ``optserve.optim.fused``); the plain path is
     bitwise equal to torch. Gradients are validated before anything changes.
+
+    Returns each stepped parameter's squared update norm ``||new - old||^2`` (the stats'
+    "last update norm"): from the fused kernel's own pass, or for the plain path from a
+    copy of the old values.
     """
     if not isinstance(hp, opt.hyperparams):
         raise TypeError(f"{opt.name} needs {opt.hyperparams.__name__}, got {type(hp).__name__}")
     work = _prepare(params, grads)
     kernels = _fused.kernels_for(opt, hp, (p for _, p, _ in work)) if fused else {}
+    update_sq: dict[str, float] = {}
     with torch.no_grad():
         for name, param, grad in work:
             st = state.setdefault(name, {})
             kernel = kernels.get((param.dtype, param.device)) if kernels else None
-            if (kernel is None or not _fused.eligible(param)
-                    or not opt.fused_update(kernel, param, grad, st, hp)):
+            sq = None
+            if kernel is not None and _fused.eligible(param):
+                sq = opt.fused_update(kernel, param, grad, st, hp)
+            if sq is None:
+                before = param.clone()
                 opt.update(param, grad, st, hp)
+                sq = torch.linalg.vector_norm(param - before, dtype=torch.float64) ** 2
+            update_sq[name] = float(sq)
             if not st:  # SGD without momentum keeps no state, as torch
                 del state[name]
+    return update_sq
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:

@@ -100,7 +100,7 @@ def _build(opt: OptimizerDef, hp: Any, key: _KernelKey) -> Kernel:
     st: ParamState = {}
     with torch.no_grad():
         opt.update(param, grad, st, hp)  # state as after a first step (SGD's buffer)
-        if not opt.fused_update(kernel, param, grad, st, hp):
+        if opt.fused_update(kernel, param, grad, st, hp) is None:
             raise RuntimeError(f"{opt.name}: fused update refused its warm-up tensors")
     return kernel
 

@@ -85,7 +85,7 @@ def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
     def rmsprop_kernel(param: Tensor, grad: Tensor, square_avg: Tensor,
                        grad_avg: Tensor | None, buf: Tensor | None, neg_lr: Tensor,
                        alpha: Tensor, one_minus_alpha: Tensor, eps: Tensor, wd: Tensor,
-                       momentum: Tensor) -> None:
+                       momentum: Tensor) -> Tensor:
         g = -grad if maximize else grad
         if use_wd:
             g = g + wd * param
@@ -102,9 +102,11 @@ def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
             assert buf is not None
             b = buf * momentum + g / avg
             buf.copy_(b)
-            param.copy_(param + neg_lr * b)
+            upd = neg_lr * b
         else:
-            param.copy_(param + neg_lr * (g / avg))
+            upd = neg_lr * (g / avg)
+        param.copy_(param + upd)
+        return (upd * upd).sum()  # the update's squared norm, in the same pass
 
     return rmsprop_kernel
 
@@ -118,18 +120,18 @@ def _scalars(hp: RMSpropHyperparams, dtype: torch.dtype,
 
 
 def fused_update(kernel: Kernel, param: Tensor, grad: Tensor, st: ParamState,
-                 hp: RMSpropHyperparams) -> bool:
+                 hp: RMSpropHyperparams) -> Tensor | None:
     """Count the step and run the compiled kernel on 1-D views of everything."""
     _complete(param, st, hp)
     square_avg = st["square_avg"]
     grad_avg = st["grad_avg"] if hp.centered else None
     buf = st["momentum_buffer"] if hp.momentum > 0 else None
     if not flat_ok(param, square_avg, grad_avg, buf):
-        return False
-    kernel(flat(param), flat_grad(grad), flat(square_avg), flat_opt(grad_avg), flat_opt(buf),
-           *_scalars(hp, param.dtype, param.device))
+        return None
+    sq = kernel(flat(param), flat_grad(grad), flat(square_avg), flat_opt(grad_avg),
+                flat_opt(buf), *_scalars(hp, param.dtype, param.device))
     st["step"] += 1  # after the kernel: a kernel that raises leaves the count alone
-    return True
+    return sq
 
 
 def effective_lr(hp: RMSpropHyperparams, st: ParamState) -> Tensor | None:

@@ -51,7 +51,7 @@ def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
     use_momentum, nesterov, maximize, use_wd = flags
 
     def sgd_kernel(param: Tensor, grad: Tensor, buf: Tensor | None, neg_lr: Tensor,
-                   wd: Tensor, momentum: Tensor, one_minus_dampening: Tensor) -> None:
+                   wd: Tensor, momentum: Tensor, one_minus_dampening: Tensor) -> Tensor:
         g = -grad if maximize else grad
         if use_wd:
             g = g + wd * param
@@ -60,7 +60,9 @@ def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
             b = buf * momentum + one_minus_dampening * g
             buf.copy_(b)
             g = g + momentum * b if nesterov else b
-        param.copy_(param + neg_lr * g)
+        upd = neg_lr * g
+        param.copy_(param + upd)
+        return (upd * upd).sum()  # the update's squared norm, in the same pass
 
     return sgd_kernel
 
@@ -74,16 +76,15 @@ def _scalars(hp: SGDHyperparams, dtype: torch.dtype,
 
 
 def fused_update(kernel: Kernel, param: Tensor, grad: Tensor, st: ParamState,
-                 hp: SGDHyperparams) -> bool:
+                 hp: SGDHyperparams) -> Tensor | None:
     """Run the kernel; the first momentum step (buffer = gradient copy) stays plain."""
     buf = st.get("momentum_buffer") if hp.momentum != 0 else None
     if hp.momentum != 0 and buf is None:
-        return False
+        return None
     if not flat_ok(param, buf):
-        return False
-    kernel(flat(param), flat_grad(grad), flat_opt(buf),
-           *_scalars(hp, param.dtype, param.device))
-    return True
+        return None
+    return kernel(flat(param), flat_grad(grad), flat_opt(buf),
+                  *_scalars(hp, param.dtype, param.device))
 
 
 def effective_lr(hp: SGDHyperparams, st: ParamState) -> Tensor | None:
