@@ -1,0 +1,230 @@
+"""The asyncio client: `Client`'s API with ``async def``, the same requests and retry policy.
+
+The default transport runs the urllib3 transport in a private thread pool instead of using
+an asyncio HTTP stack: the pure-Python async stacks (httpx/h11, asyncio streams) move large
+tensor bodies several times slower, while a blocking ``sendall``/``readinto`` releases the
+GIL and runs at http.client speed. One thread per in-flight request, ``max_connections``
+at most. A cancelled call stops waiting at once; its request still finishes in its thread
+(a cancelled step may therefore be applied, exactly as a step whose response was lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, Protocol, TypeVar
+
+from ._base import (
+    ArrayKind,
+    BaseClient,
+    Call,
+    Format,
+    RawRequest,
+    RawResponse,
+    RetryPolicy,
+    Session,
+    StepResult,
+    Timeout,
+    Transport,
+    Urllib3Transport,
+    check_format,
+)
+from .errors import APIConnectionError, OptserveError, error_from_response
+
+log = logging.getLogger("optserve_client")
+T = TypeVar("T")
+_UNSET: Any = object()
+
+
+class AsyncTransport(Protocol):
+    async def send(self, request: RawRequest, timeout: Timeout) -> RawResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ThreadedAsyncTransport:
+    """Runs a blocking `Transport` in its own thread pool."""
+
+    def __init__(self, transport: Transport | None = None, *, max_connections: int = 32
+                 ) -> None:
+        self._transport = transport or Urllib3Transport(max_connections=max_connections)
+        self._executor = ThreadPoolExecutor(max_workers=max_connections,
+                                            thread_name_prefix="optserve-http")
+
+    async def send(self, request: RawRequest, timeout: Timeout) -> RawResponse:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._transport.send, request,
+                                          timeout)
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._transport.close()
+
+
+class AsyncClient(BaseClient):
+    """`Client` for asyncio: same constructor, same methods, awaited.
+
+    ``transport`` is an object with ``async send(RawRequest, Timeout)`` and
+    ``async aclose()``; the default is `ThreadedAsyncTransport`.
+    """
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None,
+                 timeout: float | tuple[float | None, float | None] | Timeout | None = 60.0,
+                 max_retries: int = 3, format: Format = "safetensors", *,
+                 transport: AsyncTransport | None = None, max_connections: int = 32,
+                 default_headers: Mapping[str, str] | None = None,
+                 retry_policy: RetryPolicy | None = None) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, format,
+                         default_headers=default_headers, retry_policy=retry_policy)
+        self._transport: AsyncTransport = transport or ThreadedAsyncTransport(
+            max_connections=max_connections)
+        self._owns_transport = transport is None
+        self._sleep: Callable[[float], Coroutine[Any, Any, None]] = asyncio.sleep
+
+    def with_options(self, *, timeout: Any = _UNSET, max_retries: int | None = None,
+                     format: Format | None = None) -> AsyncClient:
+        """A copy with other options that shares this client's connection pool."""
+        other = AsyncClient.__new__(AsyncClient)
+        other.__dict__.update(self.__dict__)
+        other._owns_transport = False
+        if timeout is not _UNSET:
+            other.timeout = Timeout.of(timeout)
+        if max_retries is not None:
+            other.retry_policy = replace(self.retry_policy, max_retries=max_retries)
+        if format is not None:
+            other.format = check_format(format)
+        return other
+
+    async def close(self) -> None:
+        if self._owns_transport:
+            await self._transport.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run(self, call: Call[T], idempotency_key: str | None = None) -> T:
+        """`Client._run`, awaiting instead of blocking."""
+        request = self._prepare(call, idempotency_key)
+        if isinstance(request.body, list):
+            # A snapshot: the send runs in another thread, and a cancelled call's send
+            # outlives it; the caller may reuse its arrays as soon as it stops awaiting.
+            request.body = b"".join(request.body)
+        policy = self.retry_policy
+        if call.max_retries is not None:
+            policy = replace(policy, max_retries=call.max_retries)
+        attempt = 0
+        ambiguous = False
+        while True:
+            try:
+                resp = await self._transport.send(request, self.timeout)
+            except APIConnectionError as exc:
+                delay = policy.delay_for_exception(exc, call.idempotent, attempt,
+                                                   self._sleep_rng)
+                if delay is None:
+                    raise
+                ambiguous = ambiguous or exc.request_sent is not False
+                log.info("%s %s: %s; retry %d in %.2fs", call.method, call.path, exc,
+                         attempt + 1, delay)
+                await self._sleep(delay)
+                attempt += 1
+                continue
+            if resp.status < 400 or (resp.status == 404 and ambiguous
+                                     and call.absent_ok_on_retry):
+                return call.parse(resp, attempt + 1)
+            delay = policy.delay_for_status(resp.status, resp.headers, attempt,
+                                            self._sleep_rng)
+            if delay is None:
+                raise error_from_response(resp.status, resp.body, resp.headers,
+                                          method=call.method, url=request.url)
+            log.info("%s %s: HTTP %d; retry %d in %.2fs", call.method, call.path,
+                     resp.status, attempt + 1, delay)
+            await self._sleep(delay)
+            attempt += 1
+
+    async def create_session(self, optimizer: str = "rmsprop",
+                             hyperparams: Mapping[str, Any] | None = None,
+                             params: Mapping[str, Any] | None = None, *, mode: str = "async",
+                             max_staleness: int | None = None,
+                             sync: Mapping[str, Any] | None = None, name: str | None = None,
+                             preset: str | None = None) -> Session:
+        """See `Client.create_session`."""
+        inline = self._inline(params)
+        session = await self._run(self._create_session_call(
+            optimizer, hyperparams, params if inline else None, mode, max_staleness, sync,
+            name, preset), self._new_idempotency_key())
+        if not inline and params is not None:
+            try:
+                session = await self.put_params(session.id, params)
+            except BaseException:
+                try:
+                    await self.delete_session(session.id)
+                except Exception:
+                    log.warning("could not delete half-created session %s", session.id)
+                raise
+        return session
+
+    async def list_sessions(self) -> list[Session]:
+        return await self._run(self._list_sessions_call())
+
+    async def get_session(self, session_id: str | Session) -> Session:
+        return await self._run(self._get_session_call(session_id))
+
+    async def update_session(self, session_id: str | Session,
+                             hyperparams: Mapping[str, Any] | None = None, **fields: Any
+                             ) -> Session:
+        return await self._run(self._update_session_call(session_id, hyperparams, fields))
+
+    async def delete_session(self, session_id: str | Session) -> None:
+        await self._run(self._delete_session_call(session_id))
+
+    async def get_params(self, session_id: str | Session, *, as_: ArrayKind = "numpy"
+                         ) -> tuple[dict[str, Any], int]:
+        return await self._run(self._get_params_call(session_id, as_))
+
+    async def put_params(self, session_id: str | Session, params: Mapping[str, Any],
+                         if_match: int | str | None = None) -> Session:
+        return await self._run(self._put_params_call(session_id, params, if_match))
+
+    async def step(self, session_id: str | Session, grads: Mapping[str, Any], *,
+                   base_version: int | None = None, weight: float | None = None,
+                   if_match: int | str | None = None, idempotency_key: str | None = None,
+                   return_params: bool = True, grad_dtype: str | None = None,
+                   as_: ArrayKind | None = None) -> StepResult:
+        """See `Client.step`."""
+        call = self._step_call(session_id, grads, base_version=base_version, weight=weight,
+                               if_match=if_match, return_params=return_params,
+                               grad_dtype=grad_dtype, as_=as_)
+        return await self._run(call, idempotency_key or self._new_idempotency_key())
+
+    async def get_state(self, session_id: str | Session, *, as_: ArrayKind = "numpy"
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+        return await self._run(self._get_state_call(session_id, as_))
+
+    async def put_state(self, session_id: str | Session, tensors: Mapping[str, Any],
+                        meta: Mapping[str, Any], if_match: int | str | None = None
+                        ) -> Session | None:
+        return await self._run(self._put_state_call(session_id, tensors, meta, if_match))
+
+    async def stats(self, session_id: str | Session) -> dict[str, Any]:
+        return await self._run(self._stats_call(session_id))
+
+    async def ready(self) -> bool:
+        return await self._probe("/readyz")
+
+    async def live(self) -> bool:
+        return await self._probe("/livez")
+
+    async def _probe(self, path: str) -> bool:
+        try:
+            return await self._run(self._probe_call(path))
+        except OptserveError:
+            return False
+
+    async def metrics(self) -> str:
+        return await self._run(self._metrics_call())

@@ -1,0 +1,375 @@
+"""Data-parallel training through one optserve session: K workers, one optimizer.
+
+Each worker computes gradients on its own shard and pushes them; the service holds the one
+optimizer state. Two ways to combine the workers:
+
+* **sync** (`SyncWorker`): the session is in sync mode with ``contributions = K``. A push
+  names the round by the version its gradients were computed on
+  (``X-Optserve-Base-Version``) and carries a weight (e.g. the batch size), then waits
+  until the round closes; every worker gets the same new parameters. K workers with batch
+  B each are then exactly one optimizer stepping on the weighted-mean gradient of the K*B
+  examples (the server sums in float64).
+* **async** (`AsyncWorker`): the session is in async mode, every push is one step, and the
+  session's ``max_staleness = s`` refuses a gradient computed more than ``s`` versions ago
+  (``409 stale_gradient``). The worker then re-pulls and either recomputes the gradient on
+  the fresh parameters (``on_stale="recompute"``) or drops it (``"drop"``).
+
+`DataParallelOptimizer` wraps either worker for a torch model: ``step()`` pushes the
+``.grad`` of each named parameter and writes the parameters that come back into the model
+in place. The workers only use `Client`, so they run the same in threads, processes or on
+other machines; torch is imported only by `DataParallelOptimizer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._base import ArrayKind, Session, Timeout, named
+from .client import Client
+from .errors import RoundClosedError, RoundFailedError, StaleGradientError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "AsyncWorker",
+    "DataParallelOptimizer",
+    "StepReport",
+    "SyncWorker",
+    "create_async_session",
+    "create_sync_session",
+]
+
+log = logging.getLogger("optserve_client")
+
+Params = dict[str, Any]
+Grads = Mapping[str, Any]
+GradFn = Callable[[Params], Grads]
+OnStale = Literal["recompute", "drop"]
+
+# A sync push waits for its round: the read timeout must outlast the round's own deadline.
+_ROUND_READ_SLACK_S = 30.0
+
+
+@dataclass
+class StepReport:
+    """What the last `step` did.
+
+    ``base_version``: the version the last pushed gradients were computed on (the round, in
+    sync mode). ``version``: the version of the parameters the worker now holds.
+    ``status``: "applied" (the push became part of a step), "late" (sync: the round closed
+    without this contribution, at its deadline), "dropped" (async: stale and dropped).
+    ``pushes``: step requests made (more than 1 after a recompute or a failed round).
+    ``recomputes``: gradients recomputed after a 409 stale_gradient.
+    """
+
+    base_version: int
+    version: int
+    status: Literal["applied", "late", "dropped"]
+    pushes: int = 1
+    recomputes: int = 0
+
+
+def _params_of(params: Any) -> dict[str, Any]:
+    """A name -> tensor dict from a mapping, (name, tensor) pairs or a torch module."""
+    if hasattr(params, "named_parameters"):
+        params = params.named_parameters()
+    out = named(params)
+    return {k: (v.detach() if hasattr(v, "detach") else v) for k, v in out.items()}
+
+
+def create_sync_session(client: Client, params: Any, workers: int, *,
+                        min_contributions: int | None = None, timeout_s: float = 60.0,
+                        optimizer: str = "rmsprop", name: str | None = None,
+                        **hyperparams: Any) -> Session:
+    """A sync-mode session for ``workers`` data-parallel workers.
+
+    ``params``: the initial parameters (mapping, (name, tensor) pairs, or a torch module).
+    ``min_contributions`` (default ``workers``): what a round needs at its deadline,
+    ``timeout_s`` after its first contribution; with fewer the round fails and is retried.
+    """
+    sync: dict[str, Any] = {"contributions": int(workers), "timeout_s": float(timeout_s),
+                            "min_contributions": int(min_contributions or workers)}
+    return client.create_session(optimizer, hyperparams, _params_of(params), mode="sync",
+                                 sync=sync, name=name)
+
+
+def create_async_session(client: Client, params: Any, *, max_staleness: int | None,
+                         optimizer: str = "rmsprop", name: str | None = None,
+                         **hyperparams: Any) -> Session:
+    """An async-mode session whose pushes may lag at most ``max_staleness`` versions."""
+    return client.create_session(optimizer, hyperparams, _params_of(params), mode="async",
+                                 max_staleness=max_staleness, name=name)
+
+
+class _Worker:
+    """What both workers share: the session, the params they hold and their version."""
+
+    mode: str
+
+    def __init__(self, client: Client, session: str | Session, *, rank: int | None,
+                 as_: ArrayKind | None, grad_dtype: str | None) -> None:
+        doc = client.get_session(session)
+        if doc.mode != self.mode:
+            raise ValueError(f"session {doc.id} is in {doc.mode} mode; "
+                             f"{type(self).__name__} needs {self.mode} mode")
+        self.session = doc
+        self.session_id = doc.id
+        self.rank = rank
+        self.as_ = as_
+        self.grad_dtype = grad_dtype
+        self.client = client
+        #: the version of `params` (before `pull`: the session's version when attached, the
+        #: right base if the local parameters are the session's initial ones)
+        self.version: int = doc.version or 0
+        self.params: Params | None = None
+        self.last: StepReport | None = None
+        self._tag = f"{self.mode}-{'r' if rank is None else rank}-{uuid.uuid4().hex[:12]}"
+        self._n = 0
+
+    def pull(self) -> Params:
+        """Fetch the session's current parameters (and their version)."""
+        params, version = self.client.get_params(self.session_id, as_=self.as_ or "numpy")
+        self.params, self.version = params, version
+        return params
+
+    def _key(self) -> str:
+        """One Idempotency-Key per logical push: HTTP retries of it count once."""
+        self._n += 1
+        return f"{self._tag}-v{self.version}-{self._n}"
+
+    def _push(self, grads: Grads, weight: float | None) -> tuple[Params, int]:
+        res = self.client.step(self.session_id, grads, base_version=self.version,
+                               weight=weight, idempotency_key=self._key(),
+                               grad_dtype=self.grad_dtype, as_=self.as_)
+        if res.replayed or res.params is None:
+            # A replay answers with the first outcome's version but the current parameters;
+            # read both again so that they agree.
+            return self.pull(), self.version
+        self.params, self.version = res.params, res.version
+        return res.params, res.version
+
+
+class SyncWorker(_Worker):
+    """One data-parallel worker of a sync-mode session.
+
+    ``step(grads)`` pushes the gradients computed on the parameters of version
+    ``self.version`` (that version names the round), weighted by ``weight`` (the batch's
+    example count, say: the round then steps on the mean gradient over all examples), waits
+    for the round and returns its parameters. If the round closed at its deadline without
+    this push (``409 round_closed``), the worker pulls the new parameters and reports
+    "late"; its gradients are not used. If the round failed (too few contributions,
+    ``409 round_failed``) the session is still at the same version, so the same gradients
+    are pushed again, up to ``round_retries`` times, before the error is raised.
+    """
+
+    mode = "sync"
+
+    def __init__(self, client: Client, session: str | Session, *, weight: float | None = None,
+                 rank: int | None = None, round_retries: int = 2,
+                 as_: ArrayKind | None = None, grad_dtype: str | None = None) -> None:
+        super().__init__(client, session, rank=rank, as_=as_, grad_dtype=grad_dtype)
+        self.weight = weight
+        self.round_retries = round_retries
+        sync = self.session.sync or {}
+        need = float(sync.get("timeout_s", 60.0)) + _ROUND_READ_SLACK_S
+        read = client.timeout.read
+        if read is not None and read < need:
+            self.client = client.with_options(timeout=Timeout(client.timeout.connect, need))
+
+    def step(self, grads: Grads, *, weight: float | None = None) -> Params:
+        """Contribute to the round of ``self.version``; the round's new parameters."""
+        weight = self.weight if weight is None else weight
+        base = self.version
+        pushes = 0
+        while True:
+            pushes += 1
+            try:
+                params, version = self._push(grads, weight)
+            except RoundClosedError as exc:
+                log.info("worker %s: round %d closed without it (now %s); pulling",
+                         self.rank, base, exc.current_version)
+                params = self.pull()
+                self.last = StepReport(base, self.version, "late", pushes)
+                return params
+            except RoundFailedError:
+                if pushes > self.round_retries:
+                    raise
+                log.info("worker %s: round %d failed; pushing again", self.rank, base)
+                continue
+            self.last = StepReport(base, version, "applied", pushes)
+            return params
+
+
+class AsyncWorker(_Worker):
+    """One worker of an async-mode session with a staleness policy.
+
+    ``step(grads_or_fn)`` pushes gradients computed on ``self.version``. If the session
+    refuses them as too stale (``409 stale_gradient``: more than ``max_staleness`` versions
+    behind), the worker pulls the current parameters and then
+
+    * ``on_stale="recompute"``: calls ``fn(params)`` for fresh gradients and pushes again
+      (up to ``max_recomputes`` times, then raises `StaleGradientError`). Needs a callable.
+    * ``on_stale="drop"``: forgets the gradients and returns the pulled parameters.
+    """
+
+    mode = "async"
+
+    def __init__(self, client: Client, session: str | Session, *,
+                 on_stale: OnStale = "recompute", max_recomputes: int = 3,
+                 rank: int | None = None, as_: ArrayKind | None = None,
+                 grad_dtype: str | None = None) -> None:
+        if on_stale not in ("recompute", "drop"):
+            raise ValueError("on_stale must be 'recompute' or 'drop'")
+        super().__init__(client, session, rank=rank, as_=as_, grad_dtype=grad_dtype)
+        self.on_stale = on_stale
+        self.max_recomputes = max_recomputes
+
+    def step(self, grads: Grads | GradFn, recompute: GradFn | None = None) -> Params:
+        """Push gradients; the parameters after the step (or after a drop).
+
+        ``grads``: the gradients, computed on the parameters of ``self.version``, or
+        ``fn(params) -> grads`` (called on the worker's parameters, pulled if it has none).
+        ``recompute``: what gives fresh gradients after a stale refusal (default: ``grads``
+        when it is callable).
+        """
+        if callable(grads):
+            recompute = recompute or grads
+            if self.params is None:
+                self.pull()
+            grads = grads(self.params)  # type: ignore[arg-type]
+        if recompute is None and self.on_stale == "recompute":
+            raise TypeError("on_stale='recompute' needs a callable params -> gradients")
+        pushes = recomputes = 0
+        while True:
+            base = self.version
+            pushes += 1
+            try:
+                params, version = self._push(grads, None)
+            except StaleGradientError as exc:
+                log.info("worker %s: gradient of version %d is stale (now %s)", self.rank,
+                         base, exc.current_version)
+                params = self.pull()
+                if self.on_stale == "drop":
+                    self.last = StepReport(base, self.version, "dropped", pushes, recomputes)
+                    return params
+                if recomputes >= self.max_recomputes:
+                    raise
+                recomputes += 1
+                grads = recompute(params)  # type: ignore[misc]
+                continue
+            self.last = StepReport(base, version, "applied", pushes, recomputes)
+            return params
+
+
+class DataParallelOptimizer:
+    """A torch-style optimizer for one data-parallel worker of a shared session.
+
+    ``params``: ``model.named_parameters()``, a model, or a name -> tensor mapping whose
+    names are the session's. On creation the model takes the session's current parameters
+    (``pull=True``), so every worker starts from the same point. ``step()`` pushes each
+    parameter's ``.grad`` (parameters without one are left out, as torch leaves them
+    alone) and copies the returned parameters into the tensors in place.
+
+    The session's mode picks the worker: sync (`SyncWorker`, ``weight`` per step, e.g.
+    ``step(weight=len(batch))``) or async (`AsyncWorker`; with ``on_stale="recompute"``,
+    ``step(closure)`` needs the usual torch closure that zeroes the grads, runs forward and
+    backward and returns the loss: it is called again on the fresh parameters).
+    """
+
+    def __init__(self, params: Any, client: Client, session: str | Session, *,
+                 weight: float | None = None, rank: int | None = None,
+                 on_stale: OnStale = "recompute", max_recomputes: int = 3,
+                 round_retries: int = 2, grad_dtype: str | None = None,
+                 pull: bool = True) -> None:
+        import torch  # noqa: F401  (the torch part of the SDK)
+
+        self.tensors: dict[str, torch.Tensor] = named(
+            params.named_parameters() if hasattr(params, "named_parameters") else params)
+        doc = client.get_session(session)
+        self.worker: SyncWorker | AsyncWorker
+        if doc.mode == "sync":
+            self.worker = SyncWorker(client, doc, weight=weight, rank=rank,
+                                     round_retries=round_retries, as_="torch",
+                                     grad_dtype=grad_dtype)
+        else:
+            self.worker = AsyncWorker(client, doc, on_stale=on_stale,
+                                      max_recomputes=max_recomputes, rank=rank, as_="torch",
+                                      grad_dtype=grad_dtype)
+        if doc.tensors and set(doc.tensors) != set(self.tensors):
+            raise ValueError(f"session {doc.id} holds {sorted(doc.tensors)}, the model "
+                             f"{sorted(self.tensors)}")
+        if pull:
+            self._write(self.worker.pull())
+
+    @property
+    def version(self) -> int:
+        """The session version the model's parameters are at."""
+        return self.worker.version
+
+    @property
+    def last(self) -> StepReport | None:
+        return self.worker.last
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.tensors.values():
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_()
+                p.grad.zero_()
+
+    def _grads(self) -> dict[str, Any]:
+        out = {}
+        for n, p in self.tensors.items():
+            if p.grad is not None:
+                if p.grad.is_sparse:
+                    raise RuntimeError("optserve does not take sparse gradients")
+                out[n] = p.grad.detach()
+        return out
+
+    def _write(self, params: Mapping[str, Any]) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in self.tensors.items():
+                if n in params:
+                    p.copy_(params[n])
+
+    def pull(self) -> None:
+        """Overwrite the model's parameters with the session's current ones."""
+        self._write(self.worker.pull())
+
+    def step(self, closure: Callable[[], Any] | None = None, *,
+             weight: float | None = None) -> Any:
+        """Push the gradients (after running ``closure``, if given); update the model."""
+        import torch
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if isinstance(self.worker, SyncWorker):
+            self._write(self.worker.step(self._grads(), weight=weight))
+            return loss
+        if self.worker.on_stale == "drop":
+            self._write(self.worker.step(self._grads()))
+            return loss
+        if closure is None:
+            raise TypeError("an async worker with on_stale='recompute' needs step(closure)")
+
+        def recompute(params: Params) -> Grads:
+            nonlocal loss
+            self._write(params)
+            with torch.enable_grad():
+                loss = closure()
+            return self._grads()
+
+        self._write(self.worker.step(self._grads(), recompute))
+        return loss
