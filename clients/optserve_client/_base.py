@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import struct
 import sys
 import time
 import uuid
@@ -407,59 +406,15 @@ def compress(value: Any, grad_dtype: str | None) -> Any:
 
 
 def wire_ready(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop None entries; keep 0-dim NumPy values 0-dim on the wire.
-
-    (`wire` passes arrays through ``np.ascontiguousarray``, which turns a 0-dim array into
-    shape (1,); the state's ``step`` must stay 0-dim, so those go as WireTensors.)
-    """
-    out: dict[str, Any] = {}
-    for name, value in tensors.items():
-        if value is None:
-            continue
-        if isinstance(value, (np.ndarray, np.generic)) and np.ndim(value) == 0:
-            arr = np.asarray(value).reshape(1)
-            if arr.dtype.byteorder == ">":
-                arr = arr.astype(arr.dtype.newbyteorder("<"))
-            value = wire.WireTensor(arr.dtype.name, (), memoryview(arr.view(np.uint8)))
-        out[name] = value
-    return out
-
-
-_COALESCE = 64 * 1024
+    """Drop None entries (a parameter without a gradient is simply not sent)."""
+    return {name: value for name, value in tensors.items() if value is not None}
 
 
 def safetensors_parts(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
                       ) -> list[bytes | memoryview]:
-    """`wire.encode_safetensors` without the final join: the header, then the tensors' own
-    bytes (small neighbours coalesced so a many-tensor body is not many tiny sends).
-    ``b"".join(parts) == wire.encode_safetensors(tensors, metadata)``.
-    """
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    views: list[memoryview] = []
-    offset = 0
-    for name, value in wire_ready(tensors).items():
-        dtype, shape, data = wire._raw(value)
-        header[name] = {"dtype": wire._NAME_TO_CODE[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        views.append(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    parts: list[bytes | memoryview] = []
-    small = bytearray(struct.pack("<Q", len(head)) + head)
-    for view in views:
-        if len(view) < _COALESCE:
-            small += view
-            continue
-        if small:
-            parts.append(bytes(small))
-            small = bytearray()
-        parts.append(view)
-    if small:
-        parts.append(bytes(small))
-    return parts
+    """The body as the header plus the tensors' own bytes: sent as a list, never joined."""
+    return wire.encode_safetensors_parts(wire_ready(tensors), metadata)
+
 
 
 def _nbytes(value: Any) -> int:

@@ -53,6 +53,7 @@ _NUMPY_DTYPES = {
     "complex64": np.complex64,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_COALESCE = 64 * 1024
 
 
 class WireError(ValueError):
@@ -312,7 +313,20 @@ def encode_safetensors_parts(tensors: Mapping[str, Any],
         parts.append(data)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
-    return [struct.pack("<Q", len(head)), head, *parts]
+    # Small neighbours are coalesced, so a body of many small tensors is not many tiny sends.
+    out: list[bytes | memoryview] = []
+    small = bytearray(struct.pack("<Q", len(head)) + head)
+    for view in parts:
+        if len(view) < _COALESCE:
+            small += view
+            continue
+        if small:
+            out.append(bytes(small))
+            small = bytearray()
+        out.append(view)
+    if small:
+        out.append(bytes(small))
+    return out
 
 
 def encode_json(tensors: Mapping[str, Any]) -> bytes:
