@@ -58,6 +58,21 @@ def test_create_get_list_patch_delete(client: httpx.Client, session: dict) -> No
     assert sid not in [s["id"] for s in client.get("/v1/sessions").json()["sessions"]]
 
 
+def test_create_with_idempotency_key_makes_one_session(client: httpx.Client) -> None:
+    n = len(client.get("/v1/sessions").json()["sessions"])
+    body = {"params": {"w": jt([1.0])}, "name": "once"}
+    first = client.post("/v1/sessions", json=body, headers={"idempotency-key": "create-1"})
+    again = client.post("/v1/sessions", json=body, headers={"idempotency-key": "create-1"})
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert len(client.get("/v1/sessions").json()["sessions"]) == n + 1
+    client.delete(f"/v1/sessions/{first.json()['id']}")
+    gone = client.post("/v1/sessions", json=body, headers={"idempotency-key": "create-1"})
+    assert gone.status_code == 409 and gone.json()["code"] == "idempotency_key_reused"
+    assert len(client.get("/v1/sessions").json()["sessions"]) == n
+
+
 def test_create_location_header(client: httpx.Client) -> None:
     r = client.post("/v1/sessions", json={"params": {"w": jt([1.0])}})
     assert r.status_code == 201

@@ -156,12 +156,13 @@ def test_max_retries_zero() -> None:
     assert c2.with_options(max_retries=0).max_retries == 0 and c2.max_retries == 3
 
 
-def test_create_is_not_resent_after_an_ambiguous_failure() -> None:
-    """Creating a session is not idempotent: only a failed connect is retried."""
-    c, t, _ = client([lost()])
-    with pytest.raises(APIConnectionError):
-        c.create_session()
-    assert len(t.requests) == 1
+def test_create_is_resent_with_one_idempotency_key() -> None:
+    """The server dedupes creates by Idempotency-Key, so an ambiguous failure is retried."""
+    c, t, _ = client([lost(), SESSION_DOC])
+    assert c.create_session().id == "s1"
+    assert len(t.requests) == 2
+    keys = {r.headers["Idempotency-Key"] for r in t.requests}
+    assert len(keys) == 1 and next(iter(keys)).startswith("optserve-create-")
     c, t, _ = client([APIConnectionError("refused", request_sent=False),
                       problem(503, "store_unavailable", **{"retry-after": "0"}), SESSION_DOC])
     assert c.create_session().id == "s1"

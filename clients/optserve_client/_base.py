@@ -506,9 +506,12 @@ class BaseClient:
             doc["sync"] = dict(sync)
         if name is not None:
             doc["name"] = name
+        # The server honours Idempotency-Key on create, so every try carries one key and a
+        # retry after an ambiguous failure returns the session the first try made.
         return Call("POST", "/v1/sessions", _parse_session, body=json.dumps(doc).encode(),
-                    headers={"Content-Type": "application/json", "Accept": "application/json"},
-                    idempotent=False)
+                    headers={"Content-Type": "application/json", "Accept": "application/json",
+                             "Idempotency-Key": f"optserve-create-{uuid.uuid4()}"},
+                    idempotent=True)
 
     @staticmethod
     def _inline(params: Mapping[str, Any] | None) -> bool:

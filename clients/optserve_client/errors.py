@@ -23,6 +23,7 @@ __all__ = [
     "ConflictError",
     "DtypeMismatchError",
     "FutureVersionError",
+    "IdempotencyKeyReusedError",
     "ImmutableHyperparameterError",
     "InternalServerError",
     "InvalidHeaderError",
@@ -196,6 +197,12 @@ class RoundClosedError(ConflictError):
 
 class RoundFailedError(ConflictError):
     codes = ("round_failed",)
+
+
+class IdempotencyKeyReusedError(ConflictError):
+    """The create's Idempotency-Key made a session that was deleted since: use a new key."""
+
+    codes = ("idempotency_key_reused",)
 
 
 class NoParamsError(ConflictError):

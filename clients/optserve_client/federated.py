@@ -22,6 +22,7 @@ trainer. torch is imported only by `local_sgd`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -32,13 +33,14 @@ from typing import Any, Literal
 from ._base import ArrayKind, Session, Timeout
 from .client import Client
 from .distributed import _params_of
-from .errors import OptserveError, RoundClosedError, RoundFailedError
+from .errors import RoundClosedError, RoundFailedError
 
 __all__ = [
     "SERVER_HYPERPARAMS",
     "ClientResult",
     "FederatedClient",
     "FederatedServer",
+    "LocalUpdate",
     "RoundSummary",
     "local_sgd",
     "run_rounds",
@@ -51,13 +53,12 @@ Params = dict[str, Any]
 LocalUpdate = Callable[[Params, int], Params]
 Status = Literal["applied", "late", "failed", "error"]
 
-#: The server optimizer's defaults: RMSprop as FedAdam without the first moment's (1-b1)
-#: factor. alpha=0.9 (b2) adapts within a few rounds (a federated run has tens of steps,
-#: not thousands); eps=1e-3 is Reddi et al.'s adaptivity tau (pseudo-gradients are small,
-#: and a 1e-8 eps would blow coordinates that barely move up to full-lr steps);
-#: momentum=0.9 is FedAdam's b1 (RMSprop's buffer sums rather than averages, so lr=0.01
-#: with momentum 0.9 moves like FedAdam's server lr 0.1 at steady state).
-SERVER_HYPERPARAMS: dict[str, Any] = {"lr": 0.01, "alpha": 0.9, "eps": 1e-3, "momentum": 0.9}
+#: The server optimizer's defaults, FedAdam's (Reddi et al.) in RMSprop's terms:
+#: alpha = b2 = 0.99; eps = their adaptivity tau = 1e-3 (pseudo-gradients are small, and with
+#: torch's 1e-8 a coordinate that barely moves would take full-size steps); momentum = b1 =
+#: 0.9. RMSprop's buffer sums where Adam's first moment averages (no 1 - b1 factor), so
+#: lr = 0.01 moves like FedAdam's server lr 0.1, inside the range they found to work.
+SERVER_HYPERPARAMS: dict[str, Any] = {"lr": 0.01, "alpha": 0.99, "eps": 1e-3, "momentum": 0.9}
 
 _ROUND_READ_SLACK_S = 30.0
 
@@ -83,11 +84,11 @@ class FederatedServer:
         """A new federation over ``params`` (mapping, (name, tensor) pairs, torch module).
 
         A round closes when all ``n_clients`` contributed, or ``timeout_s`` after its first
-        contribution with at least ``min_contributions`` (default: all but one, at least 1);
-        hyperparameters default to `SERVER_HYPERPARAMS` (for RMSprop).
+        contribution with at least ``min_contributions`` (default: three quarters of the
+        clients, rounded up); hyperparameters default to `SERVER_HYPERPARAMS` (for RMSprop).
         """
         if min_contributions is None:
-            min_contributions = max(1, n_clients - 1)
+            min_contributions = max(1, math.ceil(0.75 * n_clients))
         if optimizer == "rmsprop":
             hyperparams = {**SERVER_HYPERPARAMS, **hyperparams}
         sync = {"contributions": int(n_clients), "min_contributions": int(min_contributions),

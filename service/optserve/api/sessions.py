@@ -197,6 +197,22 @@ async def create_session(request: Request, response: Response, tenant: str = Dep
         "created_at": now(),
     }
     await store.create(meta, fields)
+    idem = request.headers.get("idempotency-key")
+    if idem is not None:
+        # A retried create returns the session the first try made (and drops this one).
+        first = await store.claim_create(tenant, idem, meta["id"], settings.idempotency_ttl_s)
+        if first != meta["id"]:
+            await store.delete(meta["id"], tenant)
+            existing = await store.get_meta(first)
+            if existing is not None and existing.get("tenant") == tenant:
+                response.headers["Location"] = f"/v1/sessions/{first}"
+                response.headers["Idempotent-Replayed"] = "true"
+                doc = await current_document(store, existing)
+                response.headers.update(version_headers(doc["version"]))
+                return doc
+            raise Problem(409, "idempotency_key_reused", "this Idempotency-Key created a "
+                          "session that has since been deleted; use a new key",
+                          current_version=None)
     request.app.state.engine.warm(meta)
     response.headers["Location"] = f"/v1/sessions/{meta['id']}"
     response.headers.update(version_headers(0 if fields is not None else None))

@@ -38,6 +38,10 @@ def round_params(sid: str, token: str) -> str:
 ROUNDS_CHANNEL = f"{PREFIX}:rounds"
 
 
+def create_idempotency(tenant: str, key: str) -> str:
+    return f"{PREFIX}:tenant:{{t:{tenant}}}:create:{key}"
+
+
 def tenant_sessions(tenant: str) -> str:
     return f"{PREFIX}:tenant:{{t:{tenant}}}:sessions"
 

@@ -76,6 +76,14 @@ class Store:
         # The tenant index lives in another slot; it is only an index, filtered on read.
         await self.redis.sadd(keys.tenant_sessions(meta["tenant"]), sid)
 
+    async def claim_create(self, tenant: str, key: str, sid: str, ttl_s: int) -> str:
+        """Record `sid` as the session this create key made; returns the first one recorded."""
+        rkey = keys.create_idempotency(tenant, key)
+        if await self.redis.set(rkey, sid, nx=True, ex=ttl_s):
+            return sid
+        first = await self.redis.get(rkey)
+        return first.decode() if first else sid
+
     async def get_meta(self, sid: str) -> dict[str, Any] | None:
         raw = await self.redis.get(keys.meta(sid))
         return json.loads(raw) if raw else None
