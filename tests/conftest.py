@@ -7,15 +7,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
+from optserve.local import wait_live
 from optserve.store.embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,17 +36,7 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 def wait_until_live(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None
                     ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/livez", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not come up in {timeout} s")
+    wait_live(url, timeout, (lambda: proc.poll() is None) if proc is not None else None)
 
 
 @dataclass

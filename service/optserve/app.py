@@ -95,7 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
 
     async def _busy(request: Any, exc: Exception) -> Any:
-        return problems.Problem(503, "session_busy", str(exc),
+        """The session's lock stayed taken, or its version moved under a commit: retry."""
+        return problems.Problem(503, "session_busy", f"{exc}; nothing was applied, retry",
                                 headers={"Retry-After": "1"}).response(request.url.path)
 
     app.add_exception_handler(SessionBusy, _busy)

@@ -27,7 +27,7 @@ from . import optim
 from .api.problems import Problem
 from .settings import Settings
 from .store import keys
-from .store.redis_store import SessionBusy, StepTxn, Store, StoreConflict
+from .store.redis_store import StepTxn, Store, StoreConflict
 from .tensors import PARAM_DTYPES, from_bytes, to_bytes
 
 log = logging.getLogger("optserve")
@@ -275,34 +275,29 @@ class Engine:
             replay = await self._replay(meta, idempotency_key, encode)
             if replay is not None:
                 return replay
-        try:
-            async with self.store.step_txn(sid) as txn:
-                if txn.meta is None:
-                    raise Problem(404, "session_not_found", f"session {sid} was deleted")
-                meta = txn.meta  # a PATCH may have changed it since the route read it
-                if idempotency_key is not None:
-                    # Another process may have finished this key while we waited for the lock.
-                    record = await self.store.get_idempotency(sid, idempotency_key)
-                    if record is not None:
-                        await txn.finish()
-                        return await self._replay(meta, idempotency_key, encode) or StepOutcome(
-                            int(record["version"]), None, replayed=True)
-                version = txn.version
-                self._preconditions(meta, version, base_version, if_match)
-                assert version is not None
-                check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
-                              dtypes=FLOAT_DTYPES)
-                try:
-                    return await self._step_locked(txn, meta, version, grads, idempotency_key,
-                                                   encode)
-                except BaseException:
-                    self.cache.drop(sid)
-                    raise
-        except SessionBusy as exc:
-            raise Problem(503, "session_busy", str(exc), headers={"Retry-After": "1"}) from None
-        except StoreConflict as exc:
-            raise Problem(503, "session_busy", f"{exc}; retry", headers={"Retry-After": "1"}
-                          ) from None
+        # SessionBusy / StoreConflict become 503 session_busy in the app's handlers.
+        async with self.store.step_txn(sid) as txn:
+            if txn.meta is None:
+                raise Problem(404, "session_not_found", f"session {sid} was deleted")
+            meta = txn.meta  # a PATCH may have changed it since the route read it
+            if idempotency_key is not None:
+                # Another process may have finished this key while we waited for the lock.
+                record = await self.store.get_idempotency(sid, idempotency_key)
+                if record is not None:
+                    await txn.finish()
+                    return await self._replay(meta, idempotency_key, encode) or StepOutcome(
+                        int(record["version"]), None, replayed=True)
+            version = txn.version
+            self._preconditions(meta, version, base_version, if_match)
+            assert version is not None
+            check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
+                          dtypes=FLOAT_DTYPES)
+            try:
+                return await self._step_locked(txn, meta, version, grads, idempotency_key,
+                                               encode)
+            except BaseException:
+                self.cache.drop(sid)
+                raise
 
     def _preconditions(self, meta: Mapping[str, Any], version: int | None,
                        base_version: int | None, if_match: int | None) -> None:

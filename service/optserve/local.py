@@ -11,7 +11,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -30,11 +30,11 @@ class _DropOpenWarning(logging.Filter):
         return not record.getMessage().startswith("no API keys configured")
 
 
-def _wait_live(url: str, thread: threading.Thread, timeout: float) -> None:
-    """Poll ``/livez`` until it answers 200; fail early if the server thread died."""
+def wait_live(url: str, timeout: float, alive: Callable[[], bool] | None = None) -> None:
+    """Poll ``/livez`` until it answers 200; fail early once ``alive()`` says the server died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not thread.is_alive():
+        if alive is not None and not alive():
             raise RuntimeError(f"the local optserve at {url} exited during start-up")
         try:
             if httpx.get(f"{url}/livez", timeout=1.0).status_code == 200:
@@ -77,7 +77,7 @@ def local_service(*, timeout: float = 60.0, log_level: str = "warning",
                                           daemon=True)
                 thread.start()
                 url = f"http://127.0.0.1:{port}"
-                _wait_live(url, thread, timeout)
+                wait_live(url, alive=thread.is_alive, timeout=timeout)
                 yield url
             finally:
                 if server is not None and thread is not None:

@@ -99,52 +99,47 @@ class SyncRounds:
             if replay is not None:
                 return replay
         cid = idempotency_key or secrets.token_hex(12)
-        try:
-            async with self.store.step_txn(sid) as txn:
-                meta, version = self._checks(txn, base_version, if_match)
-                check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
-                              dtypes=FLOAT_DTYPES)
-                check_finite(grads, "cpu", "gradient")
-                head = await self._round_head(sid, cid)
-                if head is not None and head["v"] == version and head["deadline"] <= time.time():
-                    # An expired round nobody closed: settle it before this contribution.
-                    outcome = await self._settle(txn, meta, version, head, None)
-                    if outcome is not None:
-                        raise Problem(409, "round_closed", f"the round for version {version} "
-                                      "closed at its deadline; pull the new parameters",
-                                      current_version=outcome.version)
-                    return await self.contribute(meta, grads, idempotency_key=idempotency_key,
-                                                 base_version=base_version, if_match=if_match,
-                                                 weight=weight, encode=encode)
-                if head is None or head["v"] != version:
-                    head = {"token": secrets.token_hex(12), "v": version, "n": 0,
-                            "deadline": time.time() + meta["sync"]["timeout_s"], "mine": False,
-                            "new": True}
-                token = head["token"]
-                fut = self.notifier.future(token)
-                try:
-                    if head["mine"]:  # a retry of a contribution already in this round
-                        await txn.finish()
-                        n = head["n"]
-                    else:
-                        n = head["n"] + 1
-                        cmds = self._add_cmds(sid, head, cid, weight, grads,
-                                              idempotency_key is not None, meta)
-                        if n >= meta["sync"]["contributions"]:
-                            mine = {"weight": weight, "grads": grads,
-                                    "idem": idempotency_key is not None}
-                            outcome = await self._close(txn, meta, version, token, encode,
-                                                        pending=(cid, mine))
-                            return outcome
-                        await txn.execute(cmds)
-                except BaseException:
-                    self.notifier.forget(token, fut)
-                    raise
-        except SessionBusy as exc:
-            raise Problem(503, "session_busy", str(exc), headers={"Retry-After": "1"}) from None
-        except StoreConflict as exc:
-            raise Problem(503, "session_busy", f"{exc}; retry", headers={"Retry-After": "1"}
-                          ) from None
+        # SessionBusy / StoreConflict become 503 session_busy in the app's handlers.
+        async with self.store.step_txn(sid) as txn:
+            meta, version = self._checks(txn, base_version, if_match)
+            check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
+                          dtypes=FLOAT_DTYPES)
+            check_finite(grads, "cpu", "gradient")
+            head = await self._round_head(sid, cid)
+            if head is not None and head["v"] == version and head["deadline"] <= time.time():
+                # An expired round nobody closed: settle it before this contribution.
+                outcome = await self._settle(txn, meta, version, head, None)
+                if outcome is not None:
+                    raise Problem(409, "round_closed", f"the round for version {version} "
+                                  "closed at its deadline; pull the new parameters",
+                                  current_version=outcome.version)
+                return await self.contribute(meta, grads, idempotency_key=idempotency_key,
+                                             base_version=base_version, if_match=if_match,
+                                             weight=weight, encode=encode)
+            if head is None or head["v"] != version:
+                head = {"token": secrets.token_hex(12), "v": version, "n": 0,
+                        "deadline": time.time() + meta["sync"]["timeout_s"], "mine": False,
+                        "new": True}
+            token = head["token"]
+            fut = self.notifier.future(token)
+            try:
+                if head["mine"]:  # a retry of a contribution already in this round
+                    await txn.finish()
+                    n = head["n"]
+                else:
+                    n = head["n"] + 1
+                    cmds = self._add_cmds(sid, head, cid, weight, grads,
+                                          idempotency_key is not None, meta)
+                    if n >= meta["sync"]["contributions"]:
+                        mine = {"weight": weight, "grads": grads,
+                                "idem": idempotency_key is not None}
+                        outcome = await self._close(txn, meta, version, token, encode,
+                                                    pending=(cid, mine))
+                        return outcome
+                    await txn.execute(cmds)
+            except BaseException:
+                self.notifier.forget(token, fut)
+                raise
         return await self._wait(meta, token, head["deadline"], fut, encode)
 
     def _checks(self, txn: StepTxn, base_version: int | None, if_match: int | None

@@ -95,11 +95,18 @@ class TensorResponse(Response):
                 self.after_send()
 
 
-def _if_match(request: Request, version: int | None) -> int | None:
+def _require_if_match(request: Request, version: int | None, what: str) -> None:
+    """Replacing tensors after version 0 needs If-Match naming the current version."""
+    if version is None:
+        return
     raw = request.headers.get("if-match")
-    if raw is not None and raw.strip() == "*":
-        return version
-    return parse_version_header(raw, "If-Match")
+    if raw is None:
+        raise Problem(428, "precondition_required", f"replacing {what} needs "
+                      f'If-Match: "{version}"', current_version=version)
+    wanted = version if raw.strip() == "*" else parse_version_header(raw, "If-Match")
+    if wanted != version:
+        raise Problem(412, "version_mismatch", f"If-Match names version {wanted}, the "
+                      f"session is at {version}", current_version=version)
 
 
 @router.get("/params", response_class=Response, responses=_TENSOR_RESPONSE)
@@ -122,14 +129,7 @@ async def put_params(request: Request, meta: dict[str, Any] = Depends(session_me
         meta = await store.get_meta(sid) or meta
         version = await store.version(sid)
         declared = meta["tensors"] or None
-        if version is not None:
-            if request.headers.get("if-match") is None:
-                raise Problem(428, "precondition_required", "replacing parameters needs "
-                              f'If-Match: "{version}"', current_version=version)
-            wanted = _if_match(request, version)
-            if wanted != version:
-                raise Problem(412, "version_mismatch", f"If-Match names version {wanted}, the "
-                              f"session is at {version}", current_version=version)
+        _require_if_match(request, version, "parameters")
         check_param_body(declared, tensors)
         check_finite(tensors, "cpu", "parameter")
         fields = {keys.param_field(n): t.data for n, t in tensors.items()}
@@ -250,14 +250,7 @@ async def put_state(request: Request, meta: dict[str, Any] = Depends(session_met
     async with store.locked(sid):
         meta = await store.get_meta(sid) or meta
         version = await store.version(sid)
-        if version is not None:
-            if request.headers.get("if-match") is None:
-                raise Problem(428, "precondition_required", "replacing the state needs "
-                              f'If-Match: "{version}"', current_version=version)
-            wanted = _if_match(request, version)
-            if wanted != version:
-                raise Problem(412, "version_mismatch", f"If-Match names version {wanted}, the "
-                              f"session is at {version}", current_version=version)
+        _require_if_match(request, version, "the state")
         info = _state_metadata(metadata)
         optimizer = info.get("optimizer", meta["optimizer"])
         if optimizer not in _STATE_KEYS:
