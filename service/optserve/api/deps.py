@@ -22,15 +22,17 @@ DEFAULT_TENANT = "default"
 _ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,18})"?\s*$')
 
 
-def get_settings(request: Request) -> Settings:
+# These are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool,
+# which costs more than the whole of a small step.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
