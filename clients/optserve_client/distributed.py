@@ -130,10 +130,11 @@ class _Worker:
         self.last: StepReport | None = None
         self._tag = f"{self.mode}-{'r' if rank is None else rank}-{uuid.uuid4().hex[:12]}"
         self._n = 0
+        self._kind: ArrayKind = "numpy"  # without as_: what the last gradients were
 
     def pull(self) -> Params:
         """Fetch the session's current parameters (and their version)."""
-        params, version = self.client.get_params(self.session_id, as_=self.as_ or "numpy")
+        params, version = self.client.get_params(self.session_id, as_=self.as_ or self._kind)
         self.params, self.version = params, version
         return params
 
@@ -143,6 +144,8 @@ class _Worker:
         return f"{self._tag}-v{self.version}-{self._n}"
 
     def _push(self, grads: Grads, weight: float | None) -> tuple[Params, int]:
+        if any(type(g).__module__.startswith("torch") for g in grads.values()):
+            self._kind = "torch"
         res = self.client.step(self.session_id, grads, base_version=self.version,
                                weight=weight, idempotency_key=self._key(),
                                grad_dtype=self.grad_dtype, as_=self.as_)
@@ -212,8 +215,10 @@ class AsyncWorker(_Worker):
     refuses them as too stale (``409 stale_gradient``: more than ``max_staleness`` versions
     behind), the worker pulls the current parameters and then
 
-    * ``on_stale="recompute"``: calls ``fn(params)`` for fresh gradients and pushes again
-      (up to ``max_recomputes`` times, then raises `StaleGradientError`). Needs a callable.
+    * ``on_stale="recompute"``: calls ``fn(params)`` for fresh gradients and pushes again;
+      after ``max_recomputes`` refusals in a row (the other workers keep outrunning this
+      one) the gradient is dropped, as with "drop", rather than failing the training.
+      Needs a callable.
     * ``on_stale="drop"``: forgets the gradients and returns the pulled parameters.
     """
 
@@ -258,7 +263,10 @@ class AsyncWorker(_Worker):
                     self.last = StepReport(base, self.version, "dropped", pushes, recomputes)
                     return params
                 if recomputes >= self.max_recomputes:
-                    raise
+                    log.warning("worker %s: still stale after %d recomputes; dropping the "
+                                "gradient", self.rank, recomputes)
+                    self.last = StepReport(base, self.version, "dropped", pushes, recomputes)
+                    return params
                 recomputes += 1
                 grads = recompute(params)  # type: ignore[misc]
                 continue

@@ -152,21 +152,25 @@ class FederatedClient:
         self.n_examples = int(n_examples)
         self.client_id = client_id or uuid.uuid4().hex[:12]
         self.as_ = as_
-        self._attempt: dict[int, int] = {}
 
     def run_round(self) -> ClientResult:
         """Pull the round's parameters, train, push ``round - local``; never raises for a
-        failure of this client (the round goes on without it)."""
+        failure of this client (the round goes on without it).
+
+        The push's Idempotency-Key is fixed per client and round (``fed-<id>-v<round>``):
+        a client that retries a round it may already have pushed to (a broken connection,
+        a restart with the same ``client_id``) is counted once; after a failed round the
+        server keeps no record, so the same key contributes afresh to the next try.
+        """
         t0 = time.monotonic()
         base = -1
         try:
             params, base = self.client.get_params(self.session_id, as_=self.as_)
             local = self.local_update(_copy(params), base)
             delta = {n: params[n] - local[n] for n in params if n in local}
-            n = self._attempt[base] = self._attempt.get(base, 0) + 1
             res = self.client.step(self.session_id, delta, base_version=base,
                                    weight=float(self.n_examples), return_params=False,
-                                   idempotency_key=f"fed-{self.client_id}-v{base}-{n}")
+                                   idempotency_key=f"fed-{self.client_id}-v{base}")
             status: Status = "applied"
             version = res.version
         except RoundClosedError as exc:
@@ -182,30 +186,33 @@ class FederatedClient:
         return ClientResult(self.client_id, base, version, status, self.n_examples,
                             time.monotonic() - t0)
 
-    def run(self, rounds: int, *, poll_s: float = 0.2) -> list[ClientResult]:
-        """Take part in ``rounds`` rounds on its own (one process per client).
+    def run(self, rounds: int | None = None, *, until_version: int | None = None,
+            max_attempts: int | None = None) -> list[ClientResult]:
+        """Take part in rounds on its own (one thread or process per client) until the
+        session reaches ``until_version`` (or ``rounds`` versions past the current one;
+        clients of one federation should share ``until_version``).
 
-        After a round it did not finish (an error), the client waits until that round has
-        closed (or failed, at its deadline) before pulling again, so it never contributes
-        twice to one round.
+        After an error the client tries again at once, so a client that recovers still
+        joins the round if it is open (and is counted once, see `run_round`); consecutive
+        errors back off (0.2 s doubling, at most 5 s). At most ``max_attempts`` round
+        attempts (default ``3 * rounds``).
         """
-        out = []
-        for _ in range(rounds):
+        if (rounds is None) == (until_version is None):
+            raise ValueError("give rounds or until_version")
+        if until_version is None:
+            until_version = (self.client.get_session(self.session_id).version or 0) + rounds
+        attempts = max_attempts or 3 * max(1, rounds or until_version)
+        out: list[ClientResult] = []
+        errors = 0
+        for _ in range(attempts):
             result = self.run_round()
             out.append(result)
-            if result.status == "error" and result.base_version >= 0:
-                self.wait_past(result.base_version, poll_s=poll_s)
+            if result.version >= until_version:
+                break
+            errors = errors + 1 if result.status == "error" else 0
+            if errors:
+                time.sleep(min(5.0, 0.2 * 2 ** (errors - 1)))
         return out
-
-    def wait_past(self, version: int, *, poll_s: float = 0.2) -> int:
-        """Wait until the session's version passes ``version`` (or the round's deadline
-        plus slack has gone by: the round may have failed); the version then."""
-        deadline = time.monotonic() + self.timeout_s + 5.0
-        while True:
-            current = self.client.get_session(self.session_id).version or 0
-            if current > version or time.monotonic() >= deadline:
-                return current
-            time.sleep(poll_s)
 
 
 @dataclass

@@ -73,7 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.keys:
             log.warning("no API keys configured (OPTSERVE_API_KEYS): the service is OPEN, "
                         "single-tenant, to anyone who can reach it")
-        redis = make_redis(settings.redis_url, settings.redis_timeout_s)
+        redis = make_redis(settings.redis_url, settings.redis_timeout_s,
+                           settings.redis_max_connections)
         store = Store(redis, idempotency_ttl_s=settings.idempotency_ttl_s,
                       lock_timeout_s=settings.lock_timeout_s)
         app.state.settings = settings

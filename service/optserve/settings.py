@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(1024 * 1024 * 1024, ge=0, description="Per-process tensor cache.")
     lock_timeout_s: float = Field(30.0, gt=0, description="Lifetime of a session's step lock.")
     redis_timeout_s: float = Field(5.0, gt=0)
+    redis_max_connections: int = Field(
+        512, ge=2, description="Redis connections per process; a request waits when all are busy."
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = Field(1, ge=1)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import LockError, ResponseError, WatchError
 
@@ -32,16 +32,23 @@ class SessionBusy(Exception):
     """The session's lock could not be taken in time."""
 
 
-def make_redis(url: str, timeout_s: float) -> Redis:
-    """A pooled asyncio client; redis-py's Python packer sends large values without copying."""
-    return Redis.from_url(
+def make_redis(url: str, timeout_s: float, max_connections: int = 512) -> Redis:
+    """A pooled asyncio client; redis-py's Python packer sends large values without copying.
+
+    The pool blocks (up to `timeout_s`) when all its connections are busy, rather than
+    failing at once: a burst of parallel steps waits its turn instead of getting 503s.
+    """
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
         retry_on_timeout=False,
         decode_responses=False,
     )
+    return Redis(connection_pool=pool)
 
 
 def _head(values: Sequence[Any]) -> dict[str, float | None]:
@@ -267,7 +274,7 @@ class StepTxn:
         store, sid = self.store, self.sid
         ttl_ms = int(store.lock_timeout_s * 1000)
         deadline = time.monotonic() + store.lock_timeout_s
-        delay = 0.001
+        delay = 0.0005
         while True:
             got, _, raw_meta, raw_v = await self._batch([
                 ("SET", keys.lock(sid), self.token, "NX", "PX", ttl_ms),
@@ -281,7 +288,7 @@ class StepTxn:
             if time.monotonic() > deadline:
                 raise SessionBusy(f"session {sid} stayed locked for {store.lock_timeout_s} s")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.02)
+            delay = min(delay * 2, 0.002)  # lock holders are quick: poll often, briefly
         self.locked = True
         self.meta = json.loads(raw_meta) if raw_meta else None
         self.version = int(raw_v) if raw_v is not None else None

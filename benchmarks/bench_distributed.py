@@ -1,0 +1,221 @@
+"""Throughput and latency of many workers: one sync session, and many async sessions.
+
+    python benchmarks/bench_distributed.py [--workers 1 2 4 8] [--rounds 100]
+                                           [--sessions 100] [--steps 20] [--numel 1e4]
+                                           [--server-procs 1]
+
+Starts its own redis-server (`EmbeddedRedis`, AOF off) and one optserve server
+(``python -m uvicorn optserve.app:app_factory --factory``, ``--server-procs`` uvicorn worker
+processes), then measures through the SDK's `Client.step` with what the data-parallel
+workers (`optserve_client.distributed`) send: base version, weight, Idempotency-Key;
+safetensors both ways, parameters returned:
+
+* **sync**: W worker threads push to one sync session (``contributions = W``) for
+  ``--rounds`` rounds. steps/s = rounds (optimizer steps) per second; pushes/s = W times
+  that; a push's latency includes waiting for the round's last contribution.
+* **async**: ``--sessions`` independent async sessions, one thread each, ``--steps`` pushes
+  per session, all at once. steps/s = all sessions' steps per second.
+
+Client threads, the server and Redis share this machine's cores; the Markdown table says
+which machine. "retried pushes" counts SDK retries (a 503 with ``Retry-After``, waited out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from optserve.store.embedded import EmbeddedRedis, find_redis_server, free_port
+from optserve_client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+WARMUP = 3
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def redis_version() -> str:
+    try:
+        out = subprocess.run([find_redis_server(), "--version"], capture_output=True,
+                             text=True, timeout=10).stdout
+        return next((w.split("=")[1] for w in out.split() if w.startswith("v=")), "?")
+    except Exception:
+        return "?"
+
+
+def wait_live(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with Client(url, max_retries=0, timeout=2) as c:
+        while not c.live():
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not come up")
+            time.sleep(0.1)
+
+
+def run_threads(n: int, body: Callable[[int, threading.Barrier], list[float]]
+                ) -> tuple[list[float], float]:
+    """Run ``body(i, barrier)`` in n threads; each warms up, waits at the barrier (which
+    starts the clock) and returns its timed latencies. -> (all latencies, wall seconds)."""
+    start: list[float] = []
+    barrier = threading.Barrier(n + 1)
+    lat: list[list[float]] = [[] for _ in range(n)]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            lat[i] = body(i, barrier)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start.append(time.perf_counter())
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start[0]
+    if errors:
+        raise errors[0]
+    return [x for xs in lat for x in xs], wall
+
+
+def bench_sync(url: str, workers: int, rounds: int, numel: int) -> tuple[float, ...]:
+    rng = np.random.default_rng(0)
+    with Client(url) as admin:
+        s = admin.create_session("rmsprop", {"lr": 1e-3},
+                                 {"w": np.zeros(numel, np.float32)}, mode="sync",
+                                 sync={"contributions": workers, "timeout_s": 60})
+    grads = [{"w": rng.standard_normal(numel, dtype=np.float32)} for _ in range(workers)]
+    retries = [0] * workers
+
+    def body(i: int, barrier: threading.Barrier) -> list[float]:
+        with Client(url) as c:
+            # what SyncWorker.step sends: the round (base version), a weight, a fresh key
+            v = 0
+            for _ in range(WARMUP):
+                v = c.step(s.id, grads[i], base_version=v, weight=1.0).version
+            barrier.wait()
+            out = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                r = c.step(s.id, grads[i], base_version=v, weight=1.0)
+                out.append(time.perf_counter() - t0)
+                v = r.version
+                retries[i] += r.attempts - 1
+            return out
+
+    lat, wall = run_threads(workers, body)
+    with Client(url) as admin:
+        assert admin.get_session(s.id).version == WARMUP + rounds
+        admin.delete_session(s.id)
+    p50, p99 = np.percentile(lat, [50, 99])
+    return rounds / wall, workers * rounds / wall, p50, p99, sum(retries)
+
+
+def bench_async(url: str, sessions: int, steps: int, numel: int) -> tuple[float, ...]:
+    rng = np.random.default_rng(1)
+    with Client(url) as admin:
+        ids = [admin.create_session("rmsprop", {"lr": 1e-3},
+                                    {"w": np.zeros(numel, np.float32)}).id
+               for _ in range(sessions)]
+    grad = {"w": rng.standard_normal(numel, dtype=np.float32)}
+    client = Client(url, max_connections=sessions)  # one pool, a connection per thread
+    retries = [0] * sessions
+
+    def body(i: int, barrier: threading.Barrier) -> list[float]:
+        # what AsyncWorker.step sends: the base version and a fresh Idempotency-Key
+        v = 0
+        for _ in range(WARMUP):
+            v = client.step(ids[i], grad, base_version=v).version
+        barrier.wait()
+        out = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            r = client.step(ids[i], grad, base_version=v)
+            out.append(time.perf_counter() - t0)
+            v = r.version
+            retries[i] += r.attempts - 1
+        return out
+
+    try:
+        lat, wall = run_threads(sessions, body)
+        for sid in ids:
+            client.delete_session(sid)
+    finally:
+        client.close()
+    p50, p99 = np.percentile(lat, [50, 99])
+    return sessions * steps / wall, sessions * steps / wall, p50, p99, sum(retries)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--rounds", type=int, default=100, help="timed sync rounds")
+    ap.add_argument("--sessions", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per async session")
+    ap.add_argument("--numel", type=float, default=1e4, help="float32 elements per session")
+    ap.add_argument("--server-procs", type=int, default=1, help="uvicorn worker processes")
+    ap.add_argument("--fused", default="off", choices=["on", "off"])
+    args = ap.parse_args()
+    numel = int(args.numel)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(data_dir=tmp,
+                                                             appendonly=False) as redis:
+        port = free_port()
+        env = {**os.environ, "OPTSERVE_REDIS_URL": redis.url, "OPTSERVE_FUSED": args.fused,
+               "OPTSERVE_LOG_LEVEL": "warning"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "optserve.app:app_factory", "--factory",
+             "--port", str(port), "--log-level", "warning", "--workers",
+             str(args.server_procs)], env=env, cwd=ROOT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_live(url, proc)
+            for w in args.workers:
+                row = bench_sync(url, w, args.rounds, numel)
+                rows.append((f"sync, 1 session, {w} worker{'s' if w > 1 else ''}", *row))
+                print(f"sync {w}: {row[0]:.0f} steps/s", file=sys.stderr)
+            row = bench_async(url, args.sessions, args.steps, numel)
+            rows.append((f"async, {args.sessions} sessions, 1 worker each", *row))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    import torch
+
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Linux {platform.release()}; "
+          f"Python {platform.python_version()}, torch {torch.__version__}, redis "
+          f"{redis_version()} (AOF off); {args.server_procs} server process(es), "
+          f"fused={args.fused}; {numel:.0e} float32 elements per session; client threads "
+          "on the same machine\n")
+    print("| scenario | optimizer steps/s | pushes/s | push p50 (ms) | push p99 (ms) "
+          "| retried pushes |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, sps, pps, p50, p99, retried in rows:
+        print(f"| {name} | {sps:.0f} | {pps:.0f} | {p50 * 1e3:.1f} | {p99 * 1e3:.1f} "
+              f"| {retried} |")
+
+
+if __name__ == "__main__":
+    main()
