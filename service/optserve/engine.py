@@ -395,7 +395,7 @@ class Engine:
         with torch.no_grad():
             grad_norm = _norm(tgrads.values())
             update_sq = optim.step(opt, loaded.params, tgrads, loaded.state, hp,
-                                   fused=self.fused)
+                                   fused=self.fused, track_update=True)
             # The old parameters are finite, so a finite update norm proves the new ones are:
             # the norm (from the fused kernel's own pass) serves as the check.
             update_norm = math.sqrt(sum(update_sq.values()))

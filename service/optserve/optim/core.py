@@ -64,7 +64,8 @@ def _prepare(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None]
 
 
 def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tensor | None],
-         state: dict[str, ParamState], hp: Any, fused: bool = False) -> dict[str, float]:
+         state: dict[str, ParamState], hp: Any, fused: bool = False,
+         track_update: bool = False) -> dict[str, float]:
     """One optimizer step, in place, like ``torch.optim.<X>.step()`` with these gradients.
 
     A missing or None gradient leaves its parameter and state alone (no step counted);
@@ -72,9 +73,9 @@ def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tenso
     one-pass update where it is available (see ``optserve.optim.fused``); the plain path is
     bitwise equal to torch. Gradients are validated before anything changes.
 
-    Returns each stepped parameter's squared update norm ``||new - old||^2`` (the stats'
-    "last update norm"): from the fused kernel's own pass, or for the plain path from a
-    copy of the old values.
+    With ``track_update``, returns each stepped parameter's squared update norm
+    ``||new - old||^2`` (the stats' "last update norm"): from the fused kernel's own pass,
+    or on the plain path from a copy of the old values (an extra pass, hence opt-in).
     """
     if not isinstance(hp, opt.hyperparams):
         raise TypeError(f"{opt.name} needs {opt.hyperparams.__name__}, got {type(hp).__name__}")
@@ -89,10 +90,12 @@ def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tenso
             if kernel is not None and _fused.eligible(param):
                 sq = opt.fused_update(kernel, param, grad, st, hp)
             if sq is None:
-                before = param.clone()
+                before = param.clone() if track_update else None
                 opt.update(param, grad, st, hp)
-                sq = torch.linalg.vector_norm(param - before, dtype=torch.float64) ** 2
-            update_sq[name] = float(sq)
+                if before is not None:
+                    sq = torch.linalg.vector_norm(param - before, dtype=torch.float64) ** 2
+            if track_update and sq is not None:
+                update_sq[name] = float(sq)
             if not st:  # SGD without momentum keeps no state, as torch
                 del state[name]
     return update_sq
