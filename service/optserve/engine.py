@@ -52,17 +52,6 @@ class TensorCache:
         self._bytes = 0
         self._mutex = threading.Lock()
 
-    def get(self, sid: str, version: int) -> Loaded | None:
-        with self._mutex:
-            item = self._items.get(sid)
-            if item is None:
-                return None
-            if item.version != version:
-                self._remove(sid)
-                return None
-            self._items.move_to_end(sid)
-            return item
-
     def put(self, sid: str, item: Loaded) -> None:
         with self._mutex:
             self._remove(sid)

@@ -246,8 +246,10 @@ async def patch_session(request: Request, response: Response,
     raw = await read_body(request, settings.max_body_bytes)
     body: PatchSession = _parse_json(raw, PatchSession)
     sid = meta["id"]
-    async with store.locked(sid):
-        meta = await store.get_meta(sid) or meta
+    async with store.step_txn(sid) as txn:
+        if txn.meta is None:
+            raise Problem(404, "session_not_found", f"session {sid} was deleted")
+        meta = txn.meta
         head = await store.head(sid)
         stepped = bool(head.get(keys.STEPS))
         optimizer = body.optimizer or meta["optimizer"]
@@ -268,7 +270,7 @@ async def patch_session(request: Request, response: Response,
             meta["max_staleness"] = body.max_staleness
         if "name" in fields_set:
             meta["name"] = body.name
-        await store.put_meta(meta)
+        await txn.execute([("SET", keys.meta(sid), json.dumps(meta))])
     request.app.state.engine.warm(meta)
     doc = document(meta, head)
     response.headers.update(version_headers(doc["version"]))
@@ -278,6 +280,6 @@ async def patch_session(request: Request, response: Response,
 @router.delete("/{session_id}", status_code=204, response_class=Response)
 async def delete_session(meta: dict[str, Any] = Depends(session_meta),
                          store: Store = Depends(get_store)) -> Response:
-    async with store.locked(meta["id"]):
+    async with store.step_txn(meta["id"]):  # waits for a step in flight, then deletes
         await store.delete(meta["id"], meta["tenant"])
     return Response(status_code=204)

@@ -16,7 +16,7 @@ from ..engine import Engine, check_finite, check_param_body
 from ..metrics import STEPS
 from ..settings import Settings
 from ..store import keys
-from ..store.redis_store import Store, StoreConflict
+from ..store.redis_store import StepTxn, Store
 from ..tensors import describe
 from .deps import (
     accept,
@@ -95,6 +95,13 @@ class TensorResponse(Response):
                 self.after_send()
 
 
+def _locked_session(txn: StepTxn) -> tuple[dict[str, Any], int | None]:
+    """The session document and version as read under the lock (404 if deleted since)."""
+    if txn.meta is None:
+        raise Problem(404, "session_not_found", f"session {txn.sid} was deleted")
+    return txn.meta, txn.version
+
+
 def _require_if_match(request: Request, version: int | None, what: str) -> None:
     """Replacing tensors after version 0 needs If-Match naming the current version."""
     if version is None:
@@ -125,9 +132,8 @@ async def put_params(request: Request, meta: dict[str, Any] = Depends(session_me
     body = await read_body(request, settings.max_body_bytes)
     tensors, _ = decode_tensors(body, kind)
     sid = meta["id"]
-    async with store.locked(sid):
-        meta = await store.get_meta(sid) or meta
-        version = await store.version(sid)
+    async with store.step_txn(sid) as txn:
+        meta, version = _locked_session(txn)
         declared = meta["tensors"] or None
         _require_if_match(request, version, "parameters")
         check_param_body(declared, tensors)
@@ -137,11 +143,8 @@ async def put_params(request: Request, meta: dict[str, Any] = Depends(session_me
         new_meta = None
         if declared is None:
             new_meta = {**meta, "tensors": describe(tensors)}
-        try:
-            await store.commit(sid, version, new_version, fields, meta=new_meta)
-        except StoreConflict as exc:
-            raise Problem(503, "session_busy", str(exc), headers={"Retry-After": "1"}) from None
         engine.cache.drop(sid)
+        await txn.commit(new_version, fields, count_step=False, meta=new_meta)
         meta = new_meta or meta
     engine.warm(meta)
     doc = await current_document(store, meta)
@@ -247,9 +250,8 @@ async def put_state(request: Request, meta: dict[str, Any] = Depends(session_met
     body = await read_body(request, settings.max_body_bytes)
     tensors, metadata = decode_tensors(body, kind)
     sid = meta["id"]
-    async with store.locked(sid):
-        meta = await store.get_meta(sid) or meta
-        version = await store.version(sid)
+    async with store.step_txn(sid) as txn:
+        meta, version = _locked_session(txn)
         _require_if_match(request, version, "the state")
         info = _state_metadata(metadata)
         optimizer = info.get("optimizer", meta["optimizer"])
@@ -267,17 +269,13 @@ async def put_state(request: Request, meta: dict[str, Any] = Depends(session_met
             if name.startswith("param."):
                 continue
             fields[_state_field(name, t, params, optimizer)] = _state_bytes(name, t)
-        _, old = await store.load(sid, None)
-        stale = [f for f in old if f.startswith("s.") and f not in fields]
+        stale = [f for f in await store.fields(sid) if f.startswith("s.") and f not in fields]
         new_version = 0 if version is None else version + 1
         new_meta = {**meta, "optimizer": optimizer, "hyperparams": hp,
                     "tensors": describe(params)}
-        try:
-            await store.commit(sid, version, new_version, fields, delete_fields=stale,
-                               meta=new_meta)
-        except StoreConflict as exc:
-            raise Problem(503, "session_busy", str(exc), headers={"Retry-After": "1"}) from None
         engine.cache.drop(sid)
+        await txn.commit(new_version, fields, count_step=False, delete_fields=stale,
+                         meta=new_meta)
     engine.warm(new_meta)
     doc = await current_document(store, new_meta)
     return Response(json.dumps(doc), media_type="application/json",

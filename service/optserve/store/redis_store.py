@@ -12,12 +12,12 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import LockError, ResponseError, WatchError
+from redis.exceptions import ResponseError
 
 from . import keys
 
@@ -95,9 +95,6 @@ class Store:
         raw = await self.redis.get(keys.meta(sid))
         return json.loads(raw) if raw else None
 
-    async def put_meta(self, meta: dict[str, Any]) -> None:
-        await self.redis.set(keys.meta(meta["id"]), json.dumps(meta), xx=True)
-
     async def head(self, sid: str) -> dict[str, float | None]:
         """The small fields of the tensor hash: version, updated_at, last norms, steps."""
         values = await self.redis.hmget(keys.tensors(sid), list(keys.HEAD_FIELDS))
@@ -116,17 +113,13 @@ class Store:
         raws = await self.redis.mget([keys.meta(s) for s in sids])
         return [json.loads(r) if r else None for r in raws]
 
-    async def version(self, sid: str) -> int | None:
-        v = await self.redis.hget(keys.tensors(sid), keys.VERSION)
-        return int(v) if v is not None else None
-
     async def list_ids(self, tenant: str) -> list[str]:
         ids = await self.redis.smembers(keys.tenant_sessions(tenant))
         return sorted(i.decode() for i in ids)
 
     async def delete(self, sid: str, tenant: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.meta(sid), keys.tensors(sid))
+            pipe.delete(keys.meta(sid), keys.tensors(sid), keys.round_(sid))
             await pipe.execute()
         await self.redis.srem(keys.tenant_sessions(tenant), sid)
         # Idempotency records expire by themselves; drop them now anyway.
@@ -151,66 +144,6 @@ class Store:
         got = {f: b for f, b in zip(fields, values[1:], strict=True) if b is not None}
         return (int(v) if v is not None else None), got
 
-    async def commit(
-        self,
-        sid: str,
-        expected: int | None,
-        new: int,
-        fields: Mapping[str, Buffer],
-        *,
-        delete_fields: list[str] | None = None,
-        stats: Mapping[str, float] | None = None,
-        idempotency: tuple[str, dict[str, Any]] | None = None,
-        meta: dict[str, Any] | None = None,
-        count_step: bool = False,
-    ) -> None:
-        """Write tensors and the new version in one transaction, only if still at `expected`."""
-        key = keys.tensors(sid)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                await pipe.watch(key)
-                current = await pipe.hget(key, keys.VERSION)
-                current_v = int(current) if current is not None else None
-                if current_v != expected or not await pipe.exists(keys.meta(sid)):
-                    raise StoreConflict(f"session {sid} is at version {current_v}, not {expected}")
-                pipe.multi()
-                mapping: dict[str, Any] = {keys.VERSION: str(new), keys.UPDATED: repr(now())}
-                for name, value in (stats or {}).items():
-                    mapping[name] = repr(float(value))
-                pipe.hset(key, mapping={**mapping, **fields})
-                if delete_fields:
-                    pipe.hdel(key, *delete_fields)
-                if count_step:
-                    pipe.hincrby(key, keys.STEPS, 1)
-                if meta is not None:
-                    pipe.set(keys.meta(sid), json.dumps(meta))
-                if idempotency is not None:
-                    idem_key, record = idempotency
-                    pipe.set(keys.idempotency(sid, idem_key), json.dumps(record),
-                             ex=self.idempotency_ttl_s)
-                await pipe.execute()
-            except WatchError as exc:
-                raise StoreConflict(f"session {sid} changed during the commit") from exc
-
-    # ------------------------------------------------------------------ coordination
-
-    @asynccontextmanager
-    async def locked(self, sid: str) -> AsyncIterator[None]:
-        """Serialize writers of one session across processes (redis-py's token lock)."""
-        lock = self.redis.lock(
-            keys.lock(sid),
-            timeout=self.lock_timeout_s,
-            blocking_timeout=self.lock_timeout_s,
-            sleep=0.002,
-        )
-        if not await lock.acquire():
-            raise SessionBusy(f"session {sid} stayed locked for {self.lock_timeout_s} s")
-        try:
-            yield
-        finally:
-            with suppress(LockError):  # expired: the commit's WATCH protected the data
-                await lock.release()
-
     @asynccontextmanager
     async def step_txn(self, sid: str) -> AsyncIterator[StepTxn]:
         """The step's whole Redis conversation in two round trips, on one pooled connection.
@@ -229,6 +162,10 @@ class Store:
         finally:
             await txn.abort()  # a no-op after a commit
             await pool.release(conn)
+
+    async def fields(self, sid: str) -> list[str]:
+        """The tensor hash's field names (no values)."""
+        return [f.decode() for f in await self.redis.hkeys(keys.tensors(sid))]
 
     async def get_idempotency(self, sid: str, key: str) -> dict[str, Any] | None:
         raw = await self.redis.get(keys.idempotency(sid, key))
@@ -297,6 +234,8 @@ class StepTxn:
                      stats: Mapping[str, float] | None = None,
                      idempotency: tuple[str, dict[str, Any]] | None = None,
                      count_step: bool = True,
+                     delete_fields: Sequence[str] = (),
+                     meta: Mapping[str, Any] | None = None,
                      extra: Sequence[Sequence[Any]] = ()) -> None:
         """Write the new version's tensors (and `extra` commands) atomically, then unlock."""
         store, sid = self.store, self.sid
@@ -307,6 +246,10 @@ class StepTxn:
         for name, value in fields.items():
             mapping += [name, value]
         cmds: list[Sequence[Any]] = [("HSET", tkey, *mapping)]
+        if delete_fields:
+            cmds.append(("HDEL", tkey, *delete_fields))
+        if meta is not None:
+            cmds.append(("SET", keys.meta(sid), json.dumps(meta)))
         if count_step:
             cmds.append(("HINCRBY", tkey, keys.STEPS, 1))
         if idempotency is not None:
