@@ -1,0 +1,41 @@
+"""Configuration: OPTSERVE_* variables, API keys from the variable and from a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from optserve.settings import Settings
+
+
+def test_keys_from_variable_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# tenant key\ncarol kc\n\ndave   kd\n")
+    monkeypatch.setenv("OPTSERVE_API_KEYS", "alice:ka, bob:kb")
+    monkeypatch.setenv("OPTSERVE_API_KEYS_FILE", str(keys_file))
+    s = Settings()
+    assert s.keys == {"ka": "alice", "kb": "bob", "kc": "carol", "kd": "dave"}
+    assert s.tenant_for("kc") == "carol"
+    assert s.tenant_for("k") is None and s.tenant_for("kcx") is None
+
+
+def test_malformed_keys_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tenant:key"):
+        _ = Settings(api_keys="alice").keys
+    bad = tmp_path / "keys"
+    bad.write_text("carol\n")
+    with pytest.raises(ValueError, match="line 1"):
+        _ = Settings(api_keys_file=bad).keys
+
+
+def test_environment_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTSERVE_MAX_BODY_BYTES", "1024")
+    monkeypatch.setenv("OPTSERVE_DEVICE", "cpu")
+    s = Settings()
+    assert s.max_body_bytes == 1024 and s.torch_device() == "cpu" and s.keys == {}
+    with pytest.raises(ValidationError):
+        Settings(device="tpu")
+    with pytest.raises(ValidationError):
+        Settings(log_level="chatty")
