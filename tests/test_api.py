@@ -407,3 +407,18 @@ def test_tenants_are_isolated(keyed_server: str) -> None:
         assert anon.get("/readyz").status_code == 200
         assert anon.get("/metrics").status_code == 200
         assert snapshot(alice, sid) == before
+
+
+@pytest.mark.parametrize(("server", "n"), [("live_server", 4), ("fused_server", 100_000)])
+def test_overflowing_state_is_refused(request: pytest.FixtureRequest, server: str,
+                                      n: int) -> None:
+    """A float32 gradient of 1e30 squares to inf in square_avg while the update stays 0:
+    refused on the plain path and by the fused kernel's own check."""
+    with httpx.Client(base_url=request.getfixturevalue(server), timeout=120) as client:
+        s = create(client, {"w": torch.zeros(n)})
+        assert step(client, s["id"], {"w": torch.ones(n)}).status_code == 200
+        before = snapshot(client, s["id"])
+        r = step(client, s["id"], {"w": torch.full((n,), 1e30)})
+        assert_problem(r, 422, "non_finite_result")
+        assert "optimizer state" in r.json()["detail"]
+        assert snapshot(client, s["id"]) == before

@@ -90,7 +90,7 @@ class StepOutcome:
     version: int
     body: Body | None
     replayed: bool = False
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float | None] = field(default_factory=dict)
     # Called once the response is sent: gives the step's tensors back to the cache (the
     # body may point into them, so no other step may touch them before).
     after_send: Callable[[], None] | None = None
@@ -374,7 +374,7 @@ class Engine:
 
     def _apply(self, opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
                grads: Mapping[str, WireTensor | torch.Tensor]
-               ) -> tuple[list[str], dict[str, float]]:
+               ) -> tuple[list[str], dict[str, float | None]]:
         tgrads = {
             n: w.to(self.device) if isinstance(w, torch.Tensor)
             else from_bytes(w.data, w.dtype, w.shape, self.device, writable=False)
@@ -387,18 +387,28 @@ class Engine:
                                    fused=self.fused, track_update=True)
             # The old parameters are finite, so a finite update norm proves the new ones are:
             # the norm (from the fused kernel's own pass) serves as the check.
-            update_norm = math.sqrt(sum(update_sq.values()))
-            if not math.isfinite(update_norm) and not optim.all_finite(
-                    loaded.params[n] for n in touched):
-                for n in touched:
-                    g = tgrads[n]
-                    if g.numel() and not bool(torch.isfinite(g).all()):
-                        raise Problem(422, "non_finite_gradient", f"gradient {n!r} has NaN or "
-                                      "infinite values; nothing was applied", tensor=n)
-                raise Problem(422, "non_finite_result", "this step would make parameters NaN or "
-                              "infinite; nothing was applied", current_version=loaded.version)
-        stats = {
-            keys.LAST_GRAD_NORM: grad_norm,
-            keys.LAST_UPDATE_NORM: update_norm,
-        }
-        return touched, stats
+            update_norm: float | None = math.sqrt(sum(update_sq.values()))
+            if not math.isfinite(update_norm):  # diagnose exactly; this path is rare
+                self._refuse_non_finite(loaded, tgrads, touched)
+                update_norm = None  # a float32 sum overflowed; the tensors are finite
+        stats = {keys.LAST_GRAD_NORM: grad_norm, keys.LAST_UPDATE_NORM: update_norm}
+        # None (unknown) clears the stored value rather than leaving the last step's.
+        return touched, {k: v if v is not None and math.isfinite(v) else None
+                         for k, v in stats.items()}
+
+    @staticmethod
+    def _refuse_non_finite(loaded: Loaded, grads: Mapping[str, torch.Tensor],
+                           touched: list[str]) -> None:
+        """422 when the step made parameters or optimizer state NaN or infinite."""
+        params_ok = optim.all_finite(loaded.params[n] for n in touched)
+        state_ok = optim.all_finite(t for n in touched for t in loaded.state.get(n, {}).values())
+        if params_ok and state_ok:
+            return
+        for n in touched:
+            g = grads[n]
+            if g.numel() and not bool(torch.isfinite(g).all()):
+                raise Problem(422, "non_finite_gradient", f"gradient {n!r} has NaN or "
+                              "infinite values; nothing was applied", tensor=n)
+        what = "parameters" if not params_ok else "optimizer state (e.g. square_avg overflowed)"
+        raise Problem(422, "non_finite_result", f"this step would make the {what} NaN or "
+                      "infinite; nothing was applied", current_version=loaded.version)

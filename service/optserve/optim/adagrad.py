@@ -77,7 +77,9 @@ def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
         state_sum.copy_(s)
         upd = neg_clr * (g / (s.sqrt() + eps))
         param.copy_(param + upd)
-        return (upd * upd).sum()  # the update's squared norm, in the same pass
+        # The update's squared norm, in the same pass; `0 * s` turns an overflowed sum
+        # (which makes the update 0, not inf) into NaN.
+        return (upd * upd + 0.0 * s).sum()
 
     return adagrad_kernel
 

@@ -231,7 +231,7 @@ class StepTxn:
         self.version = int(raw_v) if raw_v is not None else None
 
     async def commit(self, new: int, fields: Mapping[str, Buffer], *,
-                     stats: Mapping[str, float] | None = None,
+                     stats: Mapping[str, float | None] | None = None,
                      idempotency: tuple[str, dict[str, Any]] | None = None,
                      count_step: bool = True,
                      delete_fields: Sequence[str] = (),
@@ -241,8 +241,11 @@ class StepTxn:
         store, sid = self.store, self.sid
         tkey = keys.tensors(sid)
         mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
+        unknown = [name for name, value in (stats or {}).items() if value is None]
         for name, value in (stats or {}).items():
-            mapping += [name, repr(float(value))]
+            if value is not None:
+                mapping += [name, repr(float(value))]
+        delete_fields = [*delete_fields, *unknown]
         for name, value in fields.items():
             mapping += [name, value]
         cmds: list[Sequence[Any]] = [("HSET", tkey, *mapping)]
