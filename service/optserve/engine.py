@@ -104,6 +104,23 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+_ACCUMULATOR = {"rmsprop": "square_avg", "adagrad": "sum"}
+
+
+def _accumulators_finite(opt: optim.OptimizerDef, loaded: Loaded, names: list[str]) -> bool:
+    """Whether square_avg / AdaGrad's sum stayed finite. An overflow there makes the update
+    0, not inf, so the update norm cannot see it. They are >= 0, so a finite sum proves it:
+    one read-only reduction (a sum that overflows sends the caller to the exact check)."""
+    key = _ACCUMULATOR.get(opt.name)
+    if key is None:
+        return True
+    for n in names:
+        t = loaded.state.get(n, {}).get(key)
+        if t is not None and t.numel() and not math.isfinite(float(t.sum())):
+            return False
+    return True
+
+
 def _norm(tensors: Iterable[torch.Tensor]) -> float:
     """The 2-norm over several tensors; float32 sums, float64 only when those overflow."""
     ts = [t for t in tensors if t.numel()]
@@ -388,9 +405,10 @@ class Engine:
             # The old parameters are finite, so a finite update norm proves the new ones are:
             # the norm (from the fused kernel's own pass) serves as the check.
             update_norm: float | None = math.sqrt(sum(update_sq.values()))
-            if not math.isfinite(update_norm):  # diagnose exactly; this path is rare
-                self._refuse_non_finite(loaded, tgrads, touched)
-                update_norm = None  # a float32 sum overflowed; the tensors are finite
+            if not math.isfinite(update_norm) or not _accumulators_finite(opt, loaded, touched):
+                self._refuse_non_finite(loaded, tgrads, touched)  # exact; this path is rare
+                if not math.isfinite(update_norm):
+                    update_norm = None  # a float32 sum overflowed; the tensors are finite
         stats = {keys.LAST_GRAD_NORM: grad_norm, keys.LAST_UPDATE_NORM: update_norm}
         # None (unknown) clears the stored value rather than leaving the last step's.
         return touched, {k: v if v is not None and math.isfinite(v) else None

@@ -75,11 +75,10 @@ def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
             g = g + wd * param
         s = state_sum + g * g
         state_sum.copy_(s)
-        upd = neg_clr * (g / (s.sqrt() + eps))
+        std = s.sqrt() + eps
+        upd = neg_clr * (g / std)
         param.copy_(param + upd)
-        # The update's squared norm, in the same pass; `0 * s` turns an overflowed sum
-        # (which makes the update 0, not inf) into NaN.
-        return (upd * upd + 0.0 * s).sum()
+        return (upd * upd).sum()  # the update's squared norm, in the same pass
 
     return adagrad_kernel
 

@@ -75,9 +75,8 @@ def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tenso
 
     With ``track_update``, returns each stepped parameter's squared update norm
     ``||new - old||^2`` (the stats' "last update norm"): from the fused kernel's own pass,
-    or on the plain path from a copy of the old values (an extra pass, hence opt-in). It is
-    NaN when the step left a state tensor non-finite, and may be inf when a float32 sum
-    overflowed: callers check the tensors themselves whenever it is not finite.
+    or on the plain path from a copy of the old values (an extra pass, hence opt-in). It
+    may be inf when a float32 sum overflowed: callers check the tensors themselves then.
     """
     if not isinstance(hp, opt.hyperparams):
         raise TypeError(f"{opt.name} needs {opt.hyperparams.__name__}, got {type(hp).__name__}")
@@ -96,8 +95,6 @@ def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tenso
                 opt.update(param, grad, st, hp)
                 if before is not None:
                     sq = torch.linalg.vector_norm(param - before, dtype=torch.float64) ** 2
-                    if not all_finite(st.values()):  # as the fused kernels report it
-                        sq = torch.tensor(float("nan"))
             if track_update and sq is not None:
                 update_sq[name] = float(sq)
             if not st:  # SGD without momentum keeps no state, as torch

@@ -106,9 +106,7 @@ def fused_kernel(flags: tuple[bool, ...]) -> Kernel:
         else:
             upd = neg_lr * (g / avg)
         param.copy_(param + upd)
-        # The update's squared norm, in the same pass. `0 * sa` adds nothing unless
-        # square_avg overflowed (then NaN): an inf there makes the update 0, not inf.
-        return (upd * upd + 0.0 * sa).sum()
+        return (upd * upd).sum()  # the update's squared norm, in the same pass
 
     return rmsprop_kernel
 
