@@ -422,3 +422,19 @@ def test_overflowing_state_is_refused(request: pytest.FixtureRequest, server: st
         assert_problem(r, 422, "non_finite_result")
         assert "optimizer state" in r.json()["detail"]
         assert snapshot(client, s["id"]) == before
+
+
+def test_error_precedence_edges(client: httpx.Client, session: dict) -> None:
+    sid = session["id"]
+    before = snapshot(client, sid)
+    # An If-Match that names no version matches none: 412, not a 422 about the header.
+    r = step(client, sid, grads(), {"if-match": "garbage"})
+    assert_problem(r, 412, "version_mismatch")
+    # A malformed tensor body (400) wins over other invalid fields (422) on create.
+    r = client.post("/v1/sessions", json={"mode": "weird", "params": {"w": {"dtype": "x"}}})
+    assert_problem(r, 400, "malformed_body")
+    # If-Match is checked before "no parameters yet".
+    empty = client.post("/v1/sessions", json={}).json()
+    r = step(client, empty["id"], grads(), {"if-match": '"3"'})
+    assert_problem(r, 412, "version_mismatch")
+    assert snapshot(client, sid) == before

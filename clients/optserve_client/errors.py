@@ -363,6 +363,7 @@ class RateLimitError(APIStatusError):
 
 class InternalServerError(APIStatusError):
     status_code = 500
+    codes = ("internal_error",)
 
 
 class ServiceUnavailableError(InternalServerError):

@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.sync_rounds.notifier.close()
             await redis.aclose()
+            await redis.connection_pool.disconnect()  # a pool we passed in is ours to close
 
     app = FastAPI(
         title="optserve",

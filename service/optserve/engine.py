@@ -28,7 +28,7 @@ from .api.problems import Problem
 from .settings import Settings
 from .store import keys
 from .store.redis_store import StepTxn, Store, StoreConflict
-from .tensors import PARAM_DTYPES, from_bytes, to_bytes
+from .tensors import DTYPES, PARAM_DTYPES, from_bytes, to_bytes
 
 log = logging.getLogger("optserve")
 
@@ -41,6 +41,7 @@ class Loaded:
     params: dict[str, torch.Tensor]
     state: dict[str, dict[str, torch.Tensor]]
     nbytes: int = 0
+    nonce: str | None = None  # the commit that wrote this version (see StepTxn.commit)
 
 
 class TensorCache:
@@ -63,14 +64,14 @@ class TensorCache:
                 oldest = next(iter(self._items))
                 self._remove(oldest)
 
-    def take(self, sid: str, version: int) -> Loaded | None:
+    def take(self, sid: str, version: int, nonce: str | None) -> Loaded | None:
         """Remove and return the entry: the caller owns those tensors until it puts them back."""
         with self._mutex:
             item = self._items.get(sid)
             if item is None:
                 return None
             self._remove(sid)
-            return item if item.version == version else None
+            return item if (item.version, item.nonce) == (version, nonce) else None
 
     def drop(self, sid: str) -> None:
         with self._mutex:
@@ -188,6 +189,19 @@ def check_finite(given: Mapping[str, WireTensor], device: str, what: str) -> Non
                           "values", tensor=name)
 
 
+def check_finite_as_params(given: Mapping[str, WireTensor],
+                           declared: Mapping[str, Mapping[str, Any]]) -> None:
+    """Gradients must be finite in their parameter's dtype too (1e300 is not a float32)."""
+    for name, w in given.items():
+        t = from_bytes(w.data, w.dtype, w.shape, writable=False)
+        target = DTYPES[declared[name]["dtype"]]
+        if t.dtype != target:
+            t = t.to(target)
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise Problem(422, "non_finite_gradient", f"gradient {name!r} has NaN or infinite "
+                          f"values (as {declared[name]['dtype']})", tensor=name)
+
+
 class Engine:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
@@ -247,16 +261,22 @@ class Engine:
             nbytes += _nbytes(t)
         return Loaded(version, params, state, nbytes)
 
-    async def load(self, meta: Mapping[str, Any], version: int) -> Loaded:
+    async def load(self, meta: Mapping[str, Any], version: int, txn: StepTxn) -> Loaded:
+        """The session's tensors at `version`: this process's cached copy if it is that very
+        commit, else read on the transaction's connection (the WATCH guards the snapshot)."""
         sid = meta["id"]
-        cached = self.cache.take(sid, version)
+        cached = self.cache.take(sid, version, txn.nonce)
         if cached is not None:
             return cached
-        stored_version, fields = await self.store.load(sid)
-        if stored_version != version:
-            raise StoreConflict(f"session {sid} moved from {version} to {stored_version}")
-        return await self._offload(self.materialize, meta, version, fields,
-                                   numel=sum(len(v) for v in fields.values()) // 4)
+        raw = await txn.call("HGETALL", keys.tensors(sid))
+        fields = {k.decode(): v for k, v in raw.items()}
+        stored = fields.get(keys.VERSION)
+        if stored is None or int(stored) != version:
+            raise StoreConflict(f"session {sid} moved from {version} to {stored}")
+        loaded = await self._offload(self.materialize, meta, version, fields,
+                                     numel=sum(len(v) for v in fields.values()) // 4)
+        loaded.nonce = txn.nonce
+        return loaded
 
     async def _offload(self, fn: Callable[..., Any], *args: Any, numel: int) -> Any:
         """Large tensor work runs in a worker thread so the event loop keeps serving."""
@@ -288,7 +308,8 @@ class Engine:
             meta = txn.meta  # a PATCH may have changed it since the route read it
             if idempotency_key is not None:
                 # Another process may have finished this key while we waited for the lock.
-                record = await self.store.get_idempotency(sid, idempotency_key)
+                raw_record = await txn.call("GET", keys.idempotency(sid, idempotency_key))
+                record = json.loads(raw_record) if raw_record else None
                 if record is not None:
                     await txn.finish()
                     return await self._replay(meta, idempotency_key, encode) or StepOutcome(
@@ -307,12 +328,12 @@ class Engine:
 
     def _preconditions(self, meta: Mapping[str, Any], version: int | None,
                        base_version: int | None, if_match: int | None) -> None:
-        if version is None:
-            raise Problem(409, "no_params", "the session has no parameters yet; PUT them first",
-                          current_version=None)
         if if_match is not None and if_match != version:
             raise Problem(412, "version_mismatch", f"If-Match names version {if_match}, the "
                           f"session is at {version}", current_version=version)
+        if version is None:
+            raise Problem(409, "no_params", "the session has no parameters yet; PUT them first",
+                          current_version=None)
         if base_version is not None:
             if base_version > version:
                 raise Problem(409, "future_version", f"base version {base_version} is newer "
@@ -361,7 +382,7 @@ class Engine:
         sid = meta["id"]
         opt = optim.get_optimizer(meta["optimizer"])
         hp = opt.hyperparams.model_validate(meta["hyperparams"])
-        loaded = await self.load(meta, version)
+        loaded = await self.load(meta, version, txn)
         numel = sum(_numel(w) for w in grads.values())
         touched, stats = await self._offload(self._apply, opt, hp, loaded, grads, numel=numel)
         fields: dict[str, memoryview] = {}
@@ -382,6 +403,7 @@ class Engine:
             idempotency=(idempotency_key, record) if idempotency_key else None,
             extra=more + (extra(loaded) if extra is not None else []),
         )
+        loaded.nonce = txn.nonce
         body = None
         if encode is not None:
             body = await self._offload(encode, loaded.params, numel=numel)

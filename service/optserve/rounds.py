@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -24,7 +25,7 @@ from redis.asyncio import Redis
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
 from .api.problems import Problem
-from .engine import Engine, Loaded, StepOutcome, check_finite, check_tensors
+from .engine import Engine, Loaded, StepOutcome, check_finite_as_params, check_tensors
 from .store import keys
 from .store.redis_store import SessionBusy, StepTxn, StoreConflict
 from .tensors import DTYPES, from_bytes, to_bytes
@@ -58,8 +59,8 @@ class RoundNotifier:
 
     async def _listen(self) -> None:
         while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(keys.ROUNDS_CHANNEL)
                 async for message in pubsub.listen():
                     token = json.loads(message["data"]).get("token")
@@ -71,6 +72,9 @@ class RoundNotifier:
             except Exception as exc:  # Redis went away: waiters fall back to their checks
                 log.debug("round notifier reconnecting after %s", exc)
                 await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     async def close(self) -> None:
         if self.task is not None:
@@ -98,61 +102,73 @@ class SyncRounds:
             replay = await self.engine._replay(meta, idempotency_key, encode)
             if replay is not None:
                 return replay
-        cid = idempotency_key or secrets.token_hex(12)
+        # Field names must not depend on what clients put in keys (tensor names hold dots).
+        cid = (hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+               if idempotency_key is not None else secrets.token_hex(16))
         # SessionBusy / StoreConflict become 503 session_busy in the app's handlers.
-        async with self.store.step_txn(sid) as txn:
-            meta, version = self._checks(txn, base_version, if_match)
-            check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
-                          dtypes=FLOAT_DTYPES)
-            check_finite(grads, "cpu", "gradient")
-            head = await self._round_head(sid, cid)
-            if head is not None and head["v"] == version and head["deadline"] <= time.time():
-                # An expired round nobody closed: settle it before this contribution.
-                outcome = await self._settle(txn, meta, version, head, None)
-                if outcome is not None:
-                    raise Problem(409, "round_closed", f"the round for version {version} "
-                                  "closed at its deadline; pull the new parameters",
-                                  current_version=outcome.version)
-                return await self.contribute(meta, grads, idempotency_key=idempotency_key,
-                                             base_version=base_version, if_match=if_match,
-                                             weight=weight, encode=encode)
-            if head is None or head["v"] != version:
-                head = {"token": secrets.token_hex(12), "v": version, "n": 0,
-                        "deadline": time.time() + meta["sync"]["timeout_s"], "mine": False,
-                        "new": True}
-            token = head["token"]
-            fut = self.notifier.future(token)
-            try:
-                if head["mine"]:  # a retry of a contribution already in this round
-                    await txn.finish()
-                    n = head["n"]
-                else:
-                    n = head["n"] + 1
-                    cmds = self._add_cmds(sid, head, cid, weight, grads,
-                                          idempotency_key is not None, meta)
-                    if n >= meta["sync"]["contributions"]:
-                        mine = {"weight": weight, "grads": grads,
-                                "idem": idempotency_key is not None}
-                        outcome = await self._close(txn, meta, version, token, encode,
-                                                    pending=(cid, mine))
-                        return outcome
-                    await txn.execute(cmds)
-            except BaseException:
-                self.notifier.forget(token, fut)
-                raise
-        return await self._wait(meta, token, head["deadline"], fut, encode)
+        for _ in range(3):  # at most: settle an expired round, then join the next one
+            async with self.store.step_txn(sid) as txn:
+                meta, version = self._checks(txn, base_version, if_match)
+                if idempotency_key is not None and await txn.call(
+                        "EXISTS", keys.idempotency(sid, idempotency_key)):
+                    await txn.finish()  # the round closed while we waited for the lock
+                    replay = await self.engine._replay(meta, idempotency_key, encode)
+                    if replay is not None:
+                        return replay
+                    continue
+                check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
+                              dtypes=FLOAT_DTYPES)
+                check_finite_as_params(grads, meta["tensors"])
+                head = await self._round_head(txn, cid)
+                if head is not None and head["v"] == version and head["deadline"] <= time.time():
+                    # An expired round nobody settled: settle it, then join the next one.
+                    outcome = await self._settle(txn, meta, version, head, None)
+                    if outcome is not None:
+                        raise Problem(409, "round_closed", f"the round for version {version} "
+                                      "closed at its deadline; pull the new parameters",
+                                      current_version=outcome.version)
+                    continue
+                cmds: list[Any] = []
+                if head is not None and head["v"] != version:
+                    # Left over from before the parameters were replaced: its waiters fail.
+                    cmds += self._fail_cmds(meta, head["token"], head["v"], head["n"],
+                                            "superseded")
+                    head = None
+                if head is None:
+                    head = {"token": secrets.token_hex(12), "v": version, "n": 0,
+                            "deadline": time.time() + meta["sync"]["timeout_s"],
+                            "mine": False, "new": True}
+                token = head["token"]
+                fut = self.notifier.future(token)
+                try:
+                    if head["mine"]:  # a retry of a contribution already in this round
+                        await txn.finish()
+                    elif head["n"] + 1 >= meta["sync"]["contributions"]:
+                        mine = {"weight": weight, "grads": grads, "idem": idempotency_key}
+                        return await self._close(txn, meta, version, token, encode,
+                                                 pending=(cid, mine), before=cmds)
+                    else:
+                        cmds += self._add_cmds(sid, head, cid, weight, grads, idempotency_key,
+                                               meta)
+                        await txn.execute(cmds)
+                except BaseException:
+                    self.notifier.forget(token, fut)
+                    raise
+            return await self._wait(meta, token, head["deadline"], fut, encode)
+        raise Problem(503, "session_busy", "the session's round kept changing; retry",
+                      headers={"Retry-After": "1"})
 
     def _checks(self, txn: StepTxn, base_version: int | None, if_match: int | None
                 ) -> tuple[dict[str, Any], int]:
         if txn.meta is None:
             raise Problem(404, "session_not_found", f"session {txn.sid} was deleted")
         version = txn.version
-        if version is None:
-            raise Problem(409, "no_params", "the session has no parameters yet",
-                          current_version=None)
         if if_match is not None and if_match != version:
             raise Problem(412, "version_mismatch", f"If-Match names version {if_match}, the "
                           f"session is at {version}", current_version=version)
+        if version is None:
+            raise Problem(409, "no_params", "the session has no parameters yet",
+                          current_version=None)
         target = version if base_version is None else base_version
         if target > version:
             raise Problem(409, "future_version", f"round {target} is ahead of the session's "
@@ -162,16 +178,16 @@ class SyncRounds:
                           f"the session is at {version}", current_version=version)
         return txn.meta, version
 
-    async def _round_head(self, sid: str, cid: str) -> dict[str, Any] | None:
-        token, v, deadline, n, mine = await self.redis.hmget(
-            keys.round_(sid), ["token", "v", "deadline", "n", f"w.{cid}"])
+    async def _round_head(self, txn: StepTxn, cid: str) -> dict[str, Any] | None:
+        token, v, deadline, n, mine = await txn.call(
+            "HMGET", keys.round_(txn.sid), "token", "v", "deadline", "n", f"w.{cid}")
         if token is None:
             return None
         return {"token": token.decode(), "v": int(v), "deadline": float(deadline),
                 "n": int(n or 0), "mine": mine is not None, "new": False}
 
     def _add_cmds(self, sid: str, head: Mapping[str, Any], cid: str, weight: float,
-                  grads: Mapping[str, WireTensor], idem: bool,
+                  grads: Mapping[str, WireTensor], idem: str | None,
                   meta: Mapping[str, Any]) -> list[Any]:
         rkey = keys.round_(sid)
         info = {"weight": weight, "idem": idem,
@@ -185,9 +201,9 @@ class SyncRounds:
         return [("HSET", rkey, *fields), ("HINCRBY", rkey, "n", 1),
                 ("EXPIRE", rkey, self._ttl(meta))]
 
-    async def _contributions(self, sid: str, meta: Mapping[str, Any]
+    async def _contributions(self, txn: StepTxn, meta: Mapping[str, Any]
                              ) -> dict[str, dict[str, Any]]:
-        raw = await self.redis.hgetall(keys.round_(sid))
+        raw = await txn.call("HGETALL", keys.round_(txn.sid))
         out: dict[str, dict[str, Any]] = {}
         declared = meta["tensors"]
         for f, v in raw.items():
@@ -199,7 +215,7 @@ class SyncRounds:
         for f, v in raw.items():
             field = f.decode()
             if field.startswith("g."):
-                cid, _, name = field[2:].partition(".")
+                cid, _, name = field[2:].partition(".")  # cids are hex: the first dot splits
                 c = out.get(cid)
                 if c is None or name not in declared:
                     continue
@@ -228,13 +244,14 @@ class SyncRounds:
 
     async def _close(self, txn: StepTxn, meta: dict[str, Any], version: int, token: str,
                      encode: Encoder | None,
-                     pending: tuple[str, dict[str, Any]] | None = None) -> StepOutcome:
+                     pending: tuple[str, dict[str, Any]] | None = None,
+                     before: list[Any] | None = None) -> StepOutcome:
         sid = meta["id"]
-        contributions = await self._contributions(sid, meta)
+        contributions = {} if before else await self._contributions(txn, meta)
         if pending is not None:
             contributions[pending[0]] = pending[1]
         grads = self._mean(meta, contributions)
-        idem_keys = [cid for cid, c in contributions.items() if c["idem"]]
+        idem_keys = [c["idem"] for c in contributions.values() if c["idem"]]
         ttl = self._ttl(meta)
 
         def extra(loaded: Loaded) -> list[Any]:
@@ -243,6 +260,7 @@ class SyncRounds:
             for n, t in loaded.params.items():
                 params += [keys.param_field(n), to_bytes(t)]
             return [
+                *(before or []),
                 ("DEL", keys.round_(sid)),
                 ("SET", keys.round_outcome(sid, token), outcome, "EX", ttl),
                 ("HSET", keys.round_params(sid, token), *params),
@@ -254,22 +272,34 @@ class SyncRounds:
             return await self.engine._step_locked(txn, meta, version, grads, None, encode,
                                                   extra_idempotency_keys=idem_keys, extra=extra)
         except Problem as exc:
-            if exc.code != "non_finite_result":
-                raise
-            # The averaged step is unusable: fail the round rather than retry it forever.
-            await self._fail(txn, meta, version, token, len(contributions), exc.code)
+            # Whatever makes the round's step unusable fails the round for all its waiters,
+            # rather than leaving it to be retried (and refused) forever.
+            if not txn.done:
+                await txn.execute([*(before or []), *self._fail_cmds(
+                    meta, token, version, len(contributions), exc.code)])
             raise
 
-    async def _fail(self, txn: StepTxn, meta: Mapping[str, Any], version: int, token: str,
-                    received: int, reason: str) -> None:
+    def _fail_cmds(self, meta: Mapping[str, Any], token: str, version: int, received: int,
+                   reason: str) -> list[Any]:
+        """End a round without a step: its waiters read this outcome and get 409."""
         sid = meta["id"]
         outcome = json.dumps({"status": "failed", "version": version, "received": received,
                               "reason": reason})
-        await txn.execute([
+        return [
             ("DEL", keys.round_(sid)),
             ("SET", keys.round_outcome(sid, token), outcome, "EX", self._ttl(meta)),
             ("PUBLISH", keys.ROUNDS_CHANNEL, json.dumps({"sid": sid, "token": token})),
-        ])
+        ]
+
+    async def abandon_cmds(self, txn: StepTxn, meta: Mapping[str, Any]) -> list[Any]:
+        """For PUT params/state: the open round (if any) fails, its gradients were computed
+        on parameters that are being replaced."""
+        if meta.get("mode") != "sync":
+            return []
+        head = await self._round_head(txn, "-")
+        if head is None:
+            return []
+        return self._fail_cmds(meta, head["token"], head["v"], head["n"], "superseded")
 
     async def _settle(self, txn: StepTxn, meta: dict[str, Any], version: int,
                       head: Mapping[str, Any], encode: Encoder | None) -> StepOutcome | None:
@@ -278,38 +308,52 @@ class SyncRounds:
             with contextlib.suppress(Problem):  # a non-finite result fails the round
                 return await self._close(txn, meta, version, head["token"], encode)
             return None
-        await self._fail(txn, meta, version, head["token"], head["n"], "too_few_contributions")
+        await txn.execute(self._fail_cmds(meta, head["token"], version, head["n"],
+                                          "too_few_contributions"))
         return None
 
     async def _wait(self, meta: dict[str, Any], token: str, deadline: float,
                     fut: asyncio.Future[None], encode: Encoder | None) -> StepOutcome:
         sid = meta["id"]
+        # However a round ends, its waiters end too: by its outcome, by settling it at its
+        # deadline, or (the round vanished with no outcome: session deleted) with a 409.
+        hard_stop = deadline + self.store.lock_timeout_s + 30
         try:
             while True:
                 raw = await self.redis.get(keys.round_outcome(sid, token))
                 if raw is not None:
                     return await self._outcome(meta, token, json.loads(raw), encode)
-                remaining = deadline - time.time()
+                now = time.time()
+                remaining = deadline - now
                 if remaining <= 0:
-                    await self._expire(meta, token)
-                    deadline = time.time() + 1.0  # then read the outcome it wrote
+                    if now > hard_stop or await self._expire(meta, token) == "gone":
+                        raw = await self.redis.get(keys.round_outcome(sid, token))
+                        if raw is not None:
+                            return await self._outcome(meta, token, json.loads(raw), encode)
+                        raise Problem(409, "round_failed", "the round was abandoned (its "
+                                      "session was deleted or its parameters replaced); "
+                                      "nothing was applied", current_version=None,
+                                      reason="abandoned")
+                    deadline = now + 1.0  # then read the outcome the settling wrote
                     continue
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(fut), timeout=min(remaining, 1.0))
         finally:
             self.notifier.forget(token, fut)
 
-    async def _expire(self, meta: dict[str, Any], token: str) -> None:
+    async def _expire(self, meta: dict[str, Any], token: str) -> str:
+        """Settle the round at its deadline: "settled" (here or elsewhere) or "gone"."""
         sid = meta["id"]
         try:
             async with self.store.step_txn(sid) as txn:
-                head = await self._round_head(sid, "-")
+                head = await self._round_head(txn, "-")
                 if head is None or head["token"] != token or txn.version is None \
                         or txn.meta is None:
-                    return  # someone else settled it
+                    return "gone"  # settled by someone else (outcome written) or vanished
                 await self._settle(txn, txn.meta, txn.version, head, None)
+                return "settled"
         except (SessionBusy, StoreConflict):
-            return  # another process is settling it; its outcome will be read
+            return "settled"  # another process holds it; its outcome will be read
 
     async def _outcome(self, meta: Mapping[str, Any], token: str, outcome: Mapping[str, Any],
                        encode: Encoder | None) -> StepOutcome:

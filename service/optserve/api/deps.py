@@ -19,6 +19,9 @@ from ..store.redis_store import Store
 from .problems import Problem
 
 DEFAULT_TENANT = "default"
+# A declared Content-Length is trusted for one up-front buffer only up to this size, so a
+# client cannot make the server zero-fill 512 MiB before sending a byte; larger bodies grow.
+_PREALLOCATE_MAX = 64 * 1024 * 1024
 _ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,18})"?\s*$')
 
 
@@ -93,7 +96,7 @@ async def read_body(request: Request, limit: int) -> bytearray:
         if size_hint > limit:
             raise Problem(413, "body_too_large", f"body of {size_hint} bytes is over the limit of "
                           f"{limit} bytes", limit=limit)
-    if size_hint > 0:
+    if 0 < size_hint <= _PREALLOCATE_MAX:
         buf = bytearray(size_hint)
         view = memoryview(buf)
         n = 0
@@ -112,6 +115,8 @@ async def read_body(request: Request, limit: int) -> bytearray:
     out = bytearray()
     async for chunk in request.stream():
         out += chunk
+        if size_hint and len(out) > size_hint:
+            raise Problem(400, "malformed_body", "body longer than its Content-Length")
         if len(out) > limit:
             raise Problem(413, "body_too_large", f"body is over the limit of {limit} bytes",
                           limit=limit)
@@ -124,6 +129,14 @@ def decode_tensors(body: bytearray, kind: str
         return wire.decode(body, kind)
     except wire.WireError as exc:
         raise Problem(400, "malformed_body", str(exc)) from None
+
+
+def parse_if_match(value: str | None) -> int | None:
+    """If-Match's version; a value that names no version can match none (-1: a 412)."""
+    if value is None:
+        return None
+    m = _ETAG.match(value)
+    return int(m.group(1)) if m else -1
 
 
 def parse_version_header(value: str | None, header: str) -> int | None:

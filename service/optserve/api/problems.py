@@ -132,6 +132,12 @@ def install(app: FastAPI) -> None:
         log.warning("state store unreachable: %s", exc)
         return store_unavailable(exc).response(request.url.path)
 
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return Problem(500, "internal_error", "an unexpected error; nothing was applied "
+                       "unless the response said so").response(request.url.path)
+
+    app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     app.add_exception_handler(ConnectionError, _redis_down)

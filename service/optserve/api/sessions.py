@@ -119,11 +119,15 @@ def validate_hyperparams(optimizer: str, values: dict[str, Any]) -> dict[str, An
     return hp.model_dump(mode="json")
 
 
-def _parse_json(raw: bytes | bytearray, model: type[BaseModel]) -> Any:
+def _load_json(raw: bytes | bytearray) -> Any:
     try:
-        doc = json.loads(raw)
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Problem(400, "malformed_body", f"body is not valid JSON: {exc}") from None
+
+
+def _parse_json(raw: bytes | bytearray | Any, model: type[BaseModel]) -> Any:
+    doc = _load_json(raw) if isinstance(raw, (bytes, bytearray)) else raw
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
@@ -148,13 +152,15 @@ async def create_session(request: Request, response: Response, tenant: str = Dep
                          settings: Settings = Depends(get_settings)) -> dict[str, Any]:
     content_type(request, (wire.JSON_TYPE,))
     raw = await read_body(request, settings.max_body_bytes)
-    body: CreateSession = _parse_json(raw, CreateSession)
+    doc = _load_json(raw)
     params = None
-    if body.params is not None:
+    if isinstance(doc, dict) and doc.get("params") is not None:
+        # Malformed tensors are a 400, which wins over any 422 of the rest of the body.
         try:
-            params = wire.decode_json(json.dumps({"tensors": body.params}))
+            params = wire.decode_json(json.dumps({"tensors": doc["params"]}))
         except wire.WireError as exc:
             raise Problem(400, "malformed_body", f"params: {exc}") from None
+    body: CreateSession = _parse_json(doc, CreateSession)
     optimizer, hyper = body.optimizer, dict(body.hyperparams)
     if body.preset is not None:
         if body.preset not in optim.PRESETS:
@@ -250,8 +256,8 @@ async def patch_session(request: Request, response: Response,
         if txn.meta is None:
             raise Problem(404, "session_not_found", f"session {sid} was deleted")
         meta = txn.meta
-        head = await store.head(sid)
-        stepped = bool(head.get(keys.STEPS))
+        steps = await txn.call("HGET", keys.tensors(sid), keys.STEPS)
+        stepped = bool(steps and int(steps))
         optimizer = body.optimizer or meta["optimizer"]
         if optimizer != meta["optimizer"]:
             if stepped:
@@ -270,16 +276,27 @@ async def patch_session(request: Request, response: Response,
             meta["max_staleness"] = body.max_staleness
         if "name" in fields_set:
             meta["name"] = body.name
-        await txn.execute([("SET", keys.meta(sid), json.dumps(meta))])
+        cmds: list[Any] = [("SET", keys.meta(sid), json.dumps(meta))]
+        old_momentum = txn.meta["hyperparams"].get("momentum", 0)
+        if old_momentum == 0 and hp.get("momentum", 0) != 0:
+            # Momentum switched on later starts from a fresh buffer, not one left over from
+            # an earlier stretch with momentum.
+            stale = [f for f in await txn.call("HKEYS", keys.tensors(sid))
+                     if f.endswith(b".momentum_buffer") and f.startswith(b"s.")]
+            if stale:
+                cmds.append(("HDEL", keys.tensors(sid), *stale))
+        await txn.execute(cmds)
+    request.app.state.engine.cache.drop(sid)
     request.app.state.engine.warm(meta)
-    doc = document(meta, head)
+    doc = await current_document(store, meta)
     response.headers.update(version_headers(doc["version"]))
     return doc
 
 
 @router.delete("/{session_id}", status_code=204, response_class=Response)
-async def delete_session(meta: dict[str, Any] = Depends(session_meta),
+async def delete_session(request: Request, meta: dict[str, Any] = Depends(session_meta),
                          store: Store = Depends(get_store)) -> Response:
     async with store.step_txn(meta["id"]):  # waits for a step in flight, then deletes
         await store.delete(meta["id"], meta["tenant"])
+    request.app.state.engine.cache.drop(meta["id"])
     return Response(status_code=204)

@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 
@@ -25,6 +26,7 @@ from .deps import (
     get_engine,
     get_settings,
     get_store,
+    parse_if_match,
     parse_version_header,
     read_body,
     session_meta,
@@ -110,7 +112,7 @@ def _require_if_match(request: Request, version: int | None, what: str) -> None:
     if raw is None:
         raise Problem(428, "precondition_required", f"replacing {what} needs "
                       f'If-Match: "{version}"', current_version=version)
-    wanted = version if raw.strip() == "*" else parse_version_header(raw, "If-Match")
+    wanted = version if raw.strip() == "*" else parse_if_match(raw)
     if wanted != version:
         raise Problem(412, "version_mismatch", f"If-Match names version {wanted}, the "
                       f"session is at {version}", current_version=version)
@@ -144,7 +146,8 @@ async def put_params(request: Request, meta: dict[str, Any] = Depends(session_me
         if declared is None:
             new_meta = {**meta, "tensors": describe(tensors)}
         engine.cache.drop(sid)
-        await txn.commit(new_version, fields, count_step=False, meta=new_meta)
+        abandon = await request.app.state.sync_rounds.abandon_cmds(txn, meta)
+        await txn.commit(new_version, fields, count_step=False, meta=new_meta, extra=abandon)
         meta = new_meta or meta
     engine.warm(meta)
     doc = await current_document(store, meta)
@@ -170,7 +173,7 @@ async def step(
     if idem is not None and not (0 < len(idem) <= 255 and idem.isprintable()):
         raise Problem(422, "invalid_header", "Idempotency-Key must be 1-255 printable characters")
     base = parse_version_header(h.get("x-optserve-base-version"), "X-Optserve-Base-Version")
-    if_match = parse_version_header(h.get("if-match"), "If-Match") if h.get(
+    if_match = parse_if_match(h.get("if-match")) if h.get(
         "if-match", "").strip() != "*" else None
     weight = _weight(h.get("x-optserve-weight"))
     encode = _encoder(out_kind) if return_ == "params" else None
@@ -269,13 +272,19 @@ async def put_state(request: Request, meta: dict[str, Any] = Depends(session_met
             if name.startswith("param."):
                 continue
             fields[_state_field(name, t, params, optimizer)] = _state_bytes(name, t)
-        stale = [f for f in await store.fields(sid) if f.startswith("s.") and f not in fields]
+        stale = [f.decode() for f in await txn.call("HKEYS", keys.tensors(sid))
+                 if f.startswith(b"s.") and f.decode() not in fields]
         new_version = 0 if version is None else version + 1
         new_meta = {**meta, "optimizer": optimizer, "hyperparams": hp,
                     "tensors": describe(params)}
         engine.cache.drop(sid)
+        # Imported state counts as stepped (optimizer and centered are then fixed).
+        steps = max((int(_step_value(t)) for n, t in tensors.items() if n.endswith(".step")),
+                    default=int(any(n.startswith("state.") for n in tensors)))
+        abandon = await request.app.state.sync_rounds.abandon_cmds(txn, meta)
         await txn.commit(new_version, fields, count_step=False, delete_fields=stale,
-                         meta=new_meta)
+                         meta=new_meta,
+                         extra=[("HSET", keys.tensors(sid), keys.STEPS, steps), *abandon])
     engine.warm(new_meta)
     doc = await current_document(store, new_meta)
     return Response(json.dumps(doc), media_type="application/json",
@@ -317,16 +326,23 @@ def _state_field(name: str, t: wire.WireTensor, params: dict[str, wire.WireTenso
     return keys.state_field(pname, key)
 
 
+def _step_value(t: wire.WireTensor) -> float:
+    return float(wire.to_numpy(t).reshape(()))
+
+
 def _state_bytes(name: str, t: wire.WireTensor) -> Any:
     if name.endswith(".step"):
-        value = float(wire.to_numpy(t).reshape(()))
+        value = _step_value(t)
         if not math.isfinite(value) or value < 0 or value != int(value):
             raise Problem(422, "invalid_state", f"{name} must be a non-negative whole number",
                           tensor=name)
         return torch.tensor(value, dtype=torch.float32).numpy().tobytes()
     arr = wire.to_numpy(t)
-    if arr.size and not bool(torch.isfinite(torch.from_numpy(arr.copy())).all()):
+    if arr.size and not np.isfinite(arr).all():
         raise Problem(422, "invalid_state", f"{name} has NaN or infinite values", tensor=name)
+    if name.endswith((".square_avg", ".sum")) and arr.size and (arr < 0).any():
+        raise Problem(422, "invalid_state", f"{name} is an average of squares: it cannot be "
+                      "negative", tensor=name)
     return t.data
 
 

@@ -52,7 +52,8 @@ UPDATED = "u"
 LAST_GRAD_NORM = "gn"
 LAST_UPDATE_NORM = "un"
 STEPS = "n"  # steps applied, for "cannot change once a step has been applied"
-HEAD_FIELDS = (VERSION, UPDATED, LAST_GRAD_NORM, LAST_UPDATE_NORM, STEPS)
+NONCE = "c"  # a random token per commit, checked by the tensor cache with the version
+HEAD_FIELDS = (VERSION, UPDATED, LAST_GRAD_NORM, LAST_UPDATE_NORM, STEPS)  # numbers
 
 
 def param_field(name: str) -> str:

@@ -136,7 +136,7 @@ class Store:
             raw = await self.redis.hgetall(key)
             out = {k.decode(): v for k, v in raw.items()}
             v = out.get(keys.VERSION)
-            for f in keys.HEAD_FIELDS:
+            for f in (*keys.HEAD_FIELDS, keys.NONCE):
                 out.pop(f, None)
             return (int(v) if v is not None else None), out
         values = await self.redis.hmget(key, [keys.VERSION, *fields])
@@ -163,10 +163,6 @@ class Store:
             await txn.abort()  # a no-op after a commit
             await pool.release(conn)
 
-    async def fields(self, sid: str) -> list[str]:
-        """The tensor hash's field names (no values)."""
-        return [f.decode() for f in await self.redis.hkeys(keys.tensors(sid))]
-
     async def get_idempotency(self, sid: str, key: str) -> dict[str, Any] | None:
         raw = await self.redis.get(keys.idempotency(sid, key))
         return json.loads(raw) if raw else None
@@ -188,6 +184,7 @@ class StepTxn:
         self.token = secrets.token_hex(16)
         self.meta: dict[str, Any] | None = None
         self.version: int | None = None
+        self.nonce: str | None = None  # changes with every commit (see `commit`)
         self.done = False
         self.locked = False
 
@@ -213,12 +210,16 @@ class StepTxn:
         deadline = time.monotonic() + store.lock_timeout_s
         delay = 0.0005
         while True:
-            got, _, raw_meta, raw_v = await self._batch([
+            got, _, raw_meta, head = await self._batch([
                 ("SET", keys.lock(sid), self.token, "NX", "PX", ttl_ms),
                 ("WATCH", keys.tensors(sid)),
                 ("GET", keys.meta(sid)),
-                ("HGET", keys.tensors(sid), keys.VERSION),
+                ("HMGET", keys.tensors(sid), keys.VERSION, keys.NONCE),
             ])
+            for reply in (got, raw_meta, head):
+                if isinstance(reply, Exception):  # e.g. OOM or READONLY: not "lock held"
+                    await self._batch([("UNWATCH",)])
+                    raise reply
             if got:
                 break
             await self._batch([("UNWATCH",)])
@@ -228,7 +229,17 @@ class StepTxn:
             delay = min(delay * 2, 0.002)  # lock holders are quick: poll often, briefly
         self.locked = True
         self.meta = json.loads(raw_meta) if raw_meta else None
+        raw_v, raw_nonce = head
         self.version = int(raw_v) if raw_v is not None else None
+        self.nonce = raw_nonce.decode() if raw_nonce is not None else None
+
+    async def call(self, *command: Any) -> Any:
+        """One command on this transaction's own connection (reads while WATCHing: no second
+        pooled connection is held, so a full pool cannot deadlock steps)."""
+        (reply,) = await self._batch([command])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def commit(self, new: int, fields: Mapping[str, Buffer], *,
                      stats: Mapping[str, float | None] | None = None,
@@ -240,7 +251,11 @@ class StepTxn:
         """Write the new version's tensors (and `extra` commands) atomically, then unlock."""
         store, sid = self.store, self.sid
         tkey = keys.tensors(sid)
-        mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
+        # The nonce tells a cache entry from a different history that reached the same
+        # version number (e.g. after Redis lost its last second of AOF and steps went on).
+        self.nonce = secrets.token_hex(8)
+        mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now()),
+                              keys.NONCE, self.nonce]
         unknown = [name for name, value in (stats or {}).items() if value is None]
         for name, value in (stats or {}).items():
             if value is not None:
