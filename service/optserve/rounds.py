@@ -145,6 +145,7 @@ class SyncRounds:
                         await txn.finish()
                     elif head["n"] + 1 >= meta["sync"]["contributions"]:
                         mine = {"weight": weight, "grads": grads, "idem": idempotency_key}
+                        self.notifier.forget(token, fut)  # the closer waits for nobody
                         return await self._close(txn, meta, version, token, encode,
                                                  pending=(cid, mine), before=cmds)
                     else:
