@@ -438,3 +438,15 @@ def test_error_precedence_edges(client: httpx.Client, session: dict) -> None:
     r = step(client, empty["id"], grads(), {"if-match": '"3"'})
     assert_problem(r, 412, "version_mismatch")
     assert snapshot(client, sid) == before
+
+
+def test_malformed_headers_lose_to_412_and_409(client: httpx.Client, session: dict) -> None:
+    sid = session["id"]
+    before = snapshot(client, sid)
+    bad = {"x-optserve-weight": "-1"}
+    assert_problem(step(client, sid, grads(), {**bad, "if-match": '"9"'}), 412,
+                   "version_mismatch")
+    assert_problem(step(client, sid, grads(), {**bad, "x-optserve-base-version": "9"}), 409,
+                   "future_version")
+    assert_problem(step(client, sid, grads(), bad), 422, "invalid_header")
+    assert snapshot(client, sid) == before

@@ -295,6 +295,7 @@ class Engine:
         base_version: int | None,
         if_match: int | None,
         encode: Callable[[Mapping[str, Any]], Body] | None,
+        bad_header: Problem | None = None,
     ) -> StepOutcome:
         sid = meta["id"]
         if idempotency_key is not None:
@@ -316,6 +317,8 @@ class Engine:
                         int(record["version"]), None, replayed=True)
             version = txn.version
             self._preconditions(meta, version, base_version, if_match)
+            if bad_header is not None:  # a 422, after the 412/409 checks
+                raise bad_header
             assert version is not None
             check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
                           dtypes=FLOAT_DTYPES)

@@ -96,7 +96,8 @@ class SyncRounds:
     async def contribute(self, meta: dict[str, Any], grads: dict[str, WireTensor], *,
                          idempotency_key: str | None, base_version: int | None,
                          if_match: int | None, weight: float,
-                         encode: Encoder | None) -> StepOutcome:
+                         encode: Encoder | None, bad_header: Problem | None = None
+                         ) -> StepOutcome:
         sid = meta["id"]
         if idempotency_key is not None:
             replay = await self.engine._replay(meta, idempotency_key, encode)
@@ -109,6 +110,8 @@ class SyncRounds:
         for _ in range(3):  # at most: settle an expired round, then join the next one
             async with self.store.step_txn(sid) as txn:
                 meta, version = self._checks(txn, base_version, if_match)
+                if bad_header is not None:  # a 422, after the 412/409 checks
+                    raise bad_header
                 if idempotency_key is not None and await txn.call(
                         "EXISTS", keys.idempotency(sid, idempotency_key)):
                     await txn.finish()  # the round closed while we waited for the lock

@@ -169,21 +169,33 @@ async def step(
     body = await read_body(request, settings.max_body_bytes)
     grads, _ = decode_tensors(body, kind)
     h = request.headers
-    idem = h.get("idempotency-key")
-    if idem is not None and not (0 < len(idem) <= 255 and idem.isprintable()):
-        raise Problem(422, "invalid_header", "Idempotency-Key must be 1-255 printable characters")
-    base = parse_version_header(h.get("x-optserve-base-version"), "X-Optserve-Base-Version")
     if_match = parse_if_match(h.get("if-match")) if h.get(
         "if-match", "").strip() != "*" else None
-    weight = _weight(h.get("x-optserve-weight"))
+    # A malformed header is a 422, which must not win over a 412/409 that also applies:
+    # it is raised by the engine right after those checks.
+    bad_header: Problem | None = None
+    idem = h.get("idempotency-key")
+    if idem is not None and not (0 < len(idem) <= 255 and idem.isprintable()):
+        bad_header = Problem(422, "invalid_header", "Idempotency-Key must be 1-255 printable "
+                             "characters", header="Idempotency-Key")
+        idem = None
+    try:
+        base = parse_version_header(h.get("x-optserve-base-version"), "X-Optserve-Base-Version")
+    except Problem as exc:
+        bad_header, base = bad_header or exc, None
+    try:
+        weight = _weight(h.get("x-optserve-weight"))
+    except Problem as exc:
+        bad_header, weight = bad_header or exc, 1.0
     encode = _encoder(out_kind) if return_ == "params" else None
     if meta["mode"] == "sync":
         rounds = request.app.state.sync_rounds
         outcome = await rounds.contribute(meta, grads, idempotency_key=idem, base_version=base,
-                                          if_match=if_match, weight=weight, encode=encode)
+                                          if_match=if_match, weight=weight, encode=encode,
+                                          bad_header=bad_header)
     else:
         outcome = await engine.step(meta, grads, idempotency_key=idem, base_version=base,
-                                    if_match=if_match, encode=encode)
+                                    if_match=if_match, encode=encode, bad_header=bad_header)
     if not outcome.replayed:
         STEPS.labels(meta["optimizer"]).inc()
     headers = version_headers(outcome.version)
