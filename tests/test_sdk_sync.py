@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from optserve_client import AsyncClient, Client
-from optserve_client.torch import RemoteRMSprop
+from optserve_client.torch import RemoteRMSprop, RemoteSGD
 
 
 def test_async_client_round_is_a_weighted_mean(live_server: str) -> None:
@@ -63,3 +63,25 @@ def test_two_remote_workers_train_in_lockstep(live_server: str) -> None:
         assert torch.equal(a, b)
     with Client(live_server) as c:
         assert c.get_session(first.session_ids[0]).version == 5
+
+
+def test_remote_optimizer_weighs_its_contribution(live_server: str) -> None:
+    """step(weight=...) on a sync session: the round's gradient is the weighted mean."""
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    first = RemoteSGD([("w", params[0])], lr=1.0, url=live_server, mode="sync",
+                      sync={"contributions": 2, "timeout_s": 30})
+    second = RemoteSGD([("w", params[1])], url=live_server, session=first.session_ids)
+
+    def work(opt: RemoteSGD, p: torch.nn.Parameter, g: float, weight: float) -> None:
+        p.grad = torch.full((2,), g)
+        opt.step(weight=weight)
+
+    threads = [threading.Thread(target=work, args=a) for a in
+               ((first, params[0], 1.0, 3.0), (second, params[1], 3.0, 1.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    expected = torch.full((2,), -(1.0 * 3 + 3.0 * 1) / 4)
+    assert torch.equal(params[0].detach(), expected)
+    assert torch.equal(params[1].detach(), expected)

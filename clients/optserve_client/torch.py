@@ -205,8 +205,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ torch API
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        """Push every group's gradients; write the returned parameters in place."""
+    def step(self, closure: Callable[[], float] | None = None, *,  # type: ignore[override]
+             weight: float | None = None) -> Any:
+        """Push every group's gradients; write the returned parameters in place.
+
+        ``weight`` (sync-mode sessions) weighs this worker's gradients in the round's mean,
+        e.g. its batch size; `distributed.DataParallelOptimizer` also handles late and
+        failed rounds.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -225,7 +231,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._push_hyperparams(gi)
             try:
                 result = self._client.step(gs.id, grads, base_version=gs.version,
-                                           grad_dtype=self.grad_dtype, as_="torch")
+                                           weight=weight, grad_dtype=self.grad_dtype,
+                                           as_="torch")
             except StaleGradientError:
                 if self.on_stale == "raise":
                     raise
