@@ -27,29 +27,19 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_model, optserve_server
 
-from optserve.store.embedded import EmbeddedRedis, find_redis_server, free_port
+from optserve.store.embedded import find_redis_server
 from optserve_client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 3
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def redis_version() -> str:
@@ -59,17 +49,6 @@ def redis_version() -> str:
         return next((w.split("=")[1] for w in out.split() if w.startswith("v=")), "?")
     except Exception:
         return "?"
-
-
-def wait_live(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with Client(url, max_retries=0, timeout=2) as c:
-        while not c.live():
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not come up")
-            time.sleep(0.1)
 
 
 def run_threads(n: int, body: Callable[[int, threading.Barrier], list[float]]
@@ -181,30 +160,16 @@ def main() -> None:
     args = ap.parse_args()
     numel = int(args.numel)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(data_dir=tmp,
-                                                             appendonly=False) as redis:
-        port = free_port()
-        env = {**os.environ, "OPTSERVE_REDIS_URL": redis.url, "OPTSERVE_FUSED": args.fused,
-               "OPTSERVE_LOG_LEVEL": "warning"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "optserve.app:app_factory", "--factory",
-             "--port", str(port), "--log-level", "warning", "--workers",
-             str(args.server_procs)], env=env, cwd=ROOT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_live(url, proc)
-            for w in args.workers:
-                row = bench_sync(url, w, args.rounds, numel)
-                rows.append((f"sync, 1 session, {w} worker{'s' if w > 1 else ''}", *row))
-                print(f"sync {w}: {row[0]:.0f} steps/s", file=sys.stderr)
-            row = bench_async(url, args.sessions, args.steps, numel)
-            rows.append((f"async, {args.sessions} sessions, 1 worker each", *row))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with optserve_server(fused=args.fused, workers=args.server_procs) as url:
+        for w in args.workers:
+            row = bench_sync(url, w, args.rounds, numel)
+            rows.append((f"sync, 1 session, {w} worker{'s' if w > 1 else ''}", *row))
+            print(f"sync {w}: {row[0]:.0f} steps/s", file=sys.stderr)
+        row = bench_async(url, args.sessions, args.steps, numel)
+        rows.append((f"async, {args.sessions} sessions, 1 worker each", *row))
     import torch
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Linux {platform.release()}; "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Linux {platform.release()}; "
           f"Python {platform.python_version()}, torch {torch.__version__}, redis "
           f"{redis_version()} (AOF off); {args.server_procs} server process(es), "
           f"fused={args.fused}; {numel:.0e} float32 elements per session; client threads "

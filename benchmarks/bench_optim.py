@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _common import cpu_model
 
 from optserve import optim
 
@@ -23,18 +24,6 @@ CONFIGS: dict[str, dict[str, object]] = {
     "plain": {},
     "centered+momentum": {"centered": True, "momentum": 0.9},
 }
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (Linux), else whatever platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_round_robin(fns: dict[str, Callable[[], None]], budget_s: float,

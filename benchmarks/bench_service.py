@@ -13,30 +13,16 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import cpu_model, optserve_server
 
-from optserve.store.embedded import EmbeddedRedis, free_port
 from optserve_client import wire
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def torch_step_times(n: int, steps: int) -> list[float]:
@@ -88,39 +74,18 @@ def main() -> None:
     ap.add_argument("--fused", default="on", choices=["on", "off"])
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(data_dir=tmp,
-                                                             appendonly=False) as redis:
-        port = free_port()
-        env = {**os.environ, "OPTSERVE_REDIS_URL": redis.url, "OPTSERVE_FUSED": args.fused,
-               "OPTSERVE_LOG_LEVEL": "warning"}
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "optserve.app:app_factory",
-                                 "--factory", "--port", str(port), "--log-level", "warning"],
-                                env=env, cwd=ROOT)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                    c.request("GET", "/livez")
-                    if c.getresponse().status == 200:
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-            rows = []
-            for size in args.sizes:
-                n = int(size)
-                steps = args.steps if n <= 1_000_000 else max(10, args.steps // 3)
-                svc = service_step_times(port, n, steps)
-                loc = torch_step_times(n, steps)
-                s50, s99 = statistics.median(svc), sorted(svc)[int(0.99 * (len(svc) - 1))]
-                l50 = statistics.median(loc)
-                rows.append((n, s50, s99, l50, s50 / l50))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; "
+    with optserve_server(fused=args.fused) as url:
+        port = int(url.rsplit(":", 1)[1])
+        rows = []
+        for size in args.sizes:
+            n = int(size)
+            steps = args.steps if n <= 1_000_000 else max(10, args.steps // 3)
+            svc = service_step_times(port, n, steps)
+            loc = torch_step_times(n, steps)
+            s50, s99 = statistics.median(svc), sorted(svc)[int(0.99 * (len(svc) - 1))]
+            l50 = statistics.median(loc)
+            rows.append((n, s50, s99, l50, s50 / l50))
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; "
           f"fused={args.fused}; redis AOF off; one client, safetensors both ways\n")
     print("| elements | service p50 (ms) | service p99 (ms) | torch step p50 (ms) | ratio |")
     print("|---:|---:|---:|---:|---:|")
