@@ -189,6 +189,24 @@ def check_finite(given: Mapping[str, WireTensor], device: str, what: str) -> Non
                           "values", tensor=name)
 
 
+def locked_session(txn: StepTxn) -> tuple[dict[str, Any], int | None]:
+    """The session document and version as read under the lock (404 if deleted since)."""
+    if txn.meta is None:
+        raise Problem(404, "session_not_found", f"session {txn.sid} was deleted")
+    return txn.meta, txn.version
+
+
+def check_version(version: int | None, if_match: int | None) -> int:
+    """A step's first checks, in the contract's order: If-Match (412), then parameters (409)."""
+    if if_match is not None and if_match != version:
+        raise Problem(412, "version_mismatch", f"If-Match names version {if_match}, the "
+                      f"session is at {version}", current_version=version)
+    if version is None:
+        raise Problem(409, "no_params", "the session has no parameters yet; PUT them first",
+                      current_version=None)
+    return version
+
+
 def check_finite_as_params(given: Mapping[str, WireTensor],
                            declared: Mapping[str, Mapping[str, Any]]) -> None:
     """Gradients must be finite in their parameter's dtype too (1e300 is not a float32)."""
@@ -304,9 +322,7 @@ class Engine:
                 return replay
         # SessionBusy / StoreConflict become 503 session_busy in the app's handlers.
         async with self.store.step_txn(sid) as txn:
-            if txn.meta is None:
-                raise Problem(404, "session_not_found", f"session {sid} was deleted")
-            meta = txn.meta  # a PATCH may have changed it since the route read it
+            meta, version = locked_session(txn)  # a PATCH may have changed meta since
             if idempotency_key is not None:
                 # Another process may have finished this key while we waited for the lock.
                 raw_record = await txn.call("GET", keys.idempotency(sid, idempotency_key))
@@ -315,11 +331,9 @@ class Engine:
                     await txn.finish()
                     return await self._replay(meta, idempotency_key, encode) or StepOutcome(
                         int(record["version"]), None, replayed=True)
-            version = txn.version
-            self._preconditions(meta, version, base_version, if_match)
+            version = self._preconditions(meta, version, base_version, if_match)
             if bad_header is not None:  # a 422, after the 412/409 checks
                 raise bad_header
-            assert version is not None
             check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
                           dtypes=FLOAT_DTYPES)
             try:
@@ -330,13 +344,8 @@ class Engine:
                 raise
 
     def _preconditions(self, meta: Mapping[str, Any], version: int | None,
-                       base_version: int | None, if_match: int | None) -> None:
-        if if_match is not None and if_match != version:
-            raise Problem(412, "version_mismatch", f"If-Match names version {if_match}, the "
-                          f"session is at {version}", current_version=version)
-        if version is None:
-            raise Problem(409, "no_params", "the session has no parameters yet; PUT them first",
-                          current_version=None)
+                       base_version: int | None, if_match: int | None) -> int:
+        version = check_version(version, if_match)
         if base_version is not None:
             if base_version > version:
                 raise Problem(409, "future_version", f"base version {base_version} is newer "
@@ -346,6 +355,7 @@ class Engine:
                 raise Problem(409, "stale_gradient", f"gradient computed on version "
                               f"{base_version}, more than max_staleness={s} behind {version}",
                               current_version=version)
+        return version
 
     async def _replay(self, meta: Mapping[str, Any], key: str,
                       encode: Callable[[Mapping[str, Any]], Body] | None) -> StepOutcome | None:

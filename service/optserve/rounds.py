@@ -25,7 +25,15 @@ from redis.asyncio import Redis
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
 from .api.problems import Problem
-from .engine import Engine, Loaded, StepOutcome, check_finite_as_params, check_tensors
+from .engine import (
+    Engine,
+    Loaded,
+    StepOutcome,
+    check_finite_as_params,
+    check_tensors,
+    check_version,
+    locked_session,
+)
 from .store import keys
 from .store.redis_store import SessionBusy, StepTxn, StoreConflict
 from .tensors import DTYPES, from_bytes, to_bytes
@@ -164,15 +172,8 @@ class SyncRounds:
 
     def _checks(self, txn: StepTxn, base_version: int | None, if_match: int | None
                 ) -> tuple[dict[str, Any], int]:
-        if txn.meta is None:
-            raise Problem(404, "session_not_found", f"session {txn.sid} was deleted")
-        version = txn.version
-        if if_match is not None and if_match != version:
-            raise Problem(412, "version_mismatch", f"If-Match names version {if_match}, the "
-                          f"session is at {version}", current_version=version)
-        if version is None:
-            raise Problem(409, "no_params", "the session has no parameters yet",
-                          current_version=None)
+        meta, stored = locked_session(txn)
+        version = check_version(stored, if_match)
         target = version if base_version is None else base_version
         if target > version:
             raise Problem(409, "future_version", f"round {target} is ahead of the session's "
@@ -180,7 +181,7 @@ class SyncRounds:
         if target < version:
             raise Problem(409, "round_closed", f"the round for version {target} is closed; "
                           f"the session is at {version}", current_version=version)
-        return txn.meta, version
+        return meta, version
 
     async def _round_head(self, txn: StepTxn, cid: str) -> dict[str, Any] | None:
         token, v, deadline, n, mine = await txn.call(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from optserve_client.wire import ITEMSIZE, WireTensor
+from optserve_client.wire import ITEMSIZE
 
 DTYPES = {
     "float32": torch.float32,
@@ -18,10 +18,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 PARAM_DTYPES = ("float32", "float64")
-
-
-def dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
 
 
 def from_bytes(raw: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...],
@@ -52,10 +48,6 @@ def to_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-def wire_from_bytes(raw: bytes, dtype: str, shape: list[int] | tuple[int, ...]) -> WireTensor:
-    return WireTensor(dtype, tuple(shape), memoryview(raw))
 
 
 def describe(tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

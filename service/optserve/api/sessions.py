@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from optserve_client import wire
 
 from .. import optim
-from ..engine import check_finite, check_param_body
+from ..engine import check_finite, check_param_body, locked_session
 from ..settings import Settings
 from ..store import keys
 from ..store.redis_store import Store, now
@@ -253,9 +253,7 @@ async def patch_session(request: Request, response: Response,
     body: PatchSession = _parse_json(raw, PatchSession)
     sid = meta["id"]
     async with store.step_txn(sid) as txn:
-        if txn.meta is None:
-            raise Problem(404, "session_not_found", f"session {sid} was deleted")
-        meta = txn.meta
+        meta, _ = locked_session(txn)
         steps = await txn.call("HGET", keys.tensors(sid), keys.STEPS)
         stepped = bool(steps and int(steps))
         optimizer = body.optimizer or meta["optimizer"]

@@ -13,11 +13,11 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from optserve_client import wire
 
 from .. import optim
-from ..engine import Engine, check_finite, check_param_body
+from ..engine import Engine, check_finite, check_param_body, locked_session
 from ..metrics import STEPS
 from ..settings import Settings
 from ..store import keys
-from ..store.redis_store import StepTxn, Store
+from ..store.redis_store import Store
 from ..tensors import describe
 from .deps import (
     accept,
@@ -97,13 +97,6 @@ class TensorResponse(Response):
                 self.after_send()
 
 
-def _locked_session(txn: StepTxn) -> tuple[dict[str, Any], int | None]:
-    """The session document and version as read under the lock (404 if deleted since)."""
-    if txn.meta is None:
-        raise Problem(404, "session_not_found", f"session {txn.sid} was deleted")
-    return txn.meta, txn.version
-
-
 def _require_if_match(request: Request, version: int | None, what: str) -> None:
     """Replacing tensors after version 0 needs If-Match naming the current version."""
     if version is None:
@@ -135,7 +128,7 @@ async def put_params(request: Request, meta: dict[str, Any] = Depends(session_me
     tensors, _ = decode_tensors(body, kind)
     sid = meta["id"]
     async with store.step_txn(sid) as txn:
-        meta, version = _locked_session(txn)
+        meta, version = locked_session(txn)
         declared = meta["tensors"] or None
         _require_if_match(request, version, "parameters")
         check_param_body(declared, tensors)
@@ -266,7 +259,7 @@ async def put_state(request: Request, meta: dict[str, Any] = Depends(session_met
     tensors, metadata = decode_tensors(body, kind)
     sid = meta["id"]
     async with store.step_txn(sid) as txn:
-        meta, version = _locked_session(txn)
+        meta, version = locked_session(txn)
         _require_if_match(request, version, "the state")
         info = _state_metadata(metadata)
         optimizer = info.get("optimizer", meta["optimizer"])
