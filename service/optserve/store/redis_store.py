@@ -251,11 +251,7 @@ class StepTxn:
         """Write the new version's tensors (and `extra` commands) atomically, then unlock."""
         store, sid = self.store, self.sid
         tkey = keys.tensors(sid)
-        # The nonce tells a cache entry from a different history that reached the same
-        # version number (e.g. after Redis lost its last second of AOF and steps went on).
-        self.nonce = secrets.token_hex(8)
-        mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now()),
-                              keys.NONCE, self.nonce]
+        mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
         unknown = [name for name, value in (stats or {}).items() if value is None]
         for name, value in (stats or {}).items():
             if value is not None:
@@ -278,8 +274,18 @@ class StepTxn:
         await self.execute(cmds)
 
     async def execute(self, cmds: Sequence[Sequence[Any]]) -> list[Any]:
-        """MULTI, the commands, EXEC (void if the WATCHed hash moved), and the lock's release."""
+        """MULTI, the commands, EXEC (void if the WATCHed hash moved), and the lock's release.
+
+        A transaction that writes anything a step reads (the session document or the tensor
+        hash: hyperparameters, state, params) also writes a fresh commit nonce, which every
+        process's tensor cache checks: a cached copy from before it can never be stepped
+        again, even when the version number did not move (a PATCH).
+        """
         sid = self.sid
+        tkey, mkey = keys.tensors(sid), keys.meta(sid)
+        if any(len(c) > 1 and c[1] in (tkey, mkey) for c in cmds):
+            self.nonce = secrets.token_hex(8)
+            cmds = [*cmds, ("HSET", tkey, keys.NONCE, self.nonce)]
         batch = [("MULTI",), *cmds, ("EXEC",),
                  ("EVAL", _RELEASE, 1, keys.lock(sid), self.token)]
         replies = await self._batch(batch)
