@@ -28,7 +28,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._base import ArrayKind, Session, Timeout, named
+from ._base import round_read_timeout
+from ._codec import ArrayKind, dense_grad, named
+from ._results import Session
 from .client import Client
 from .errors import RoundClosedError, RoundFailedError, StaleGradientError
 
@@ -50,9 +52,6 @@ Params = dict[str, Any]
 Grads = Mapping[str, Any]
 GradFn = Callable[[Params], Grads]
 OnStale = Literal["recompute", "drop"]
-
-# A sync push waits for its round: the read timeout must outlast the round's own deadline.
-_ROUND_READ_SLACK_S = 30.0
 
 
 @dataclass
@@ -178,11 +177,7 @@ class SyncWorker(_Worker):
         super().__init__(client, session, rank=rank, as_=as_, grad_dtype=grad_dtype)
         self.weight = weight
         self.round_retries = round_retries
-        sync = self.session.sync or {}
-        need = float(sync.get("timeout_s", 60.0)) + _ROUND_READ_SLACK_S
-        read = client.timeout.read
-        if read is not None and read < need:
-            self.client = client.with_options(timeout=Timeout(client.timeout.connect, need))
+        self.client = client.with_read_timeout(round_read_timeout(self.session.sync))
 
     def step(self, grads: Grads, *, weight: float | None = None) -> Params:
         """Contribute to the round of ``self.version``; the round's new parameters."""
@@ -337,9 +332,7 @@ class DataParallelOptimizer:
         out = {}
         for n, p in self.tensors.items():
             if p.grad is not None:
-                if p.grad.is_sparse:
-                    raise RuntimeError("optserve does not take sparse gradients")
-                out[n] = p.grad.detach()
+                out[n] = dense_grad(p.grad).detach()
         return out
 
     def _write(self, params: Mapping[str, Any]) -> None:

@@ -132,7 +132,7 @@ class APIStatusError(OptserveError):
 
     @property
     def retry_after(self) -> float | None:
-        from ._base import parse_retry_after
+        from ._retry import parse_retry_after
 
         return parse_retry_after(self.headers)
 

@@ -15,8 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ._base import PRESETS, Session
+from ._results import Session
 from .client import Client
+from .spec import PRESETS as _SPEC_PRESETS
+
+PRESETS: dict[str, dict[str, Any]] = {
+    name: hp for name, (optimizer, hp) in _SPEC_PRESETS.items() if optimizer == "rmsprop"}
+"""The RMSprop presets (`spec.PRESETS`) as name -> hyperparameters, for ``preset=``."""
 
 __all__ = ["SGD", "AdaGrad", "RMSprop"]
 

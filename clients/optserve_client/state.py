@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ._base import TORCH_DEFAULTS, Session, _is_torch
+from ._codec import is_torch
+from ._results import Session
 from .errors import PreconditionRequiredError
+from .spec import TORCH_DEFAULTS
 
 __all__ = [
     "export_torch_state_dict",
@@ -74,7 +76,7 @@ def split_state(tensors: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, d
 def _as_torch(value: Any) -> Any:
     import torch
 
-    if _is_torch(value):
+    if is_torch(value):
         return value
     return torch.from_numpy(np.array(value, copy=True))
 
@@ -169,18 +171,18 @@ def from_torch_state_dict(state_dict: Mapping[str, Any],
 
 
 def _detach(t: Any) -> Any:
-    return t.detach().cpu().contiguous() if _is_torch(t) else np.ascontiguousarray(t)
+    return t.detach().cpu().contiguous() if is_torch(t) else np.ascontiguousarray(t)
 
 
 def _state_value(key: str, value: Any, param: Any) -> Any:
     """torch's load_state_dict casts state to the parameter's dtype, ``step`` to float32."""
     if key == "step":
-        if _is_torch(value):
+        if is_torch(value):
             return value.detach().cpu().to(dtype=_torch_float32()).reshape(())
         return np.asarray(value, dtype=np.float32).reshape(())
-    if _is_torch(value):
+    if is_torch(value):
         out = value.detach().cpu()
-        if _is_torch(param):
+        if is_torch(param):
             out = out.to(dtype=param.dtype)
         return out.contiguous()
     return np.ascontiguousarray(value, dtype=getattr(param, "dtype", None))
@@ -196,7 +198,7 @@ def _plain(hp: Mapping[str, Any]) -> dict[str, Any]:
     """Hyperparameters as JSON values (a tensor lr becomes a float)."""
     out: dict[str, Any] = {}
     for k, v in hp.items():
-        if _is_torch(v) or isinstance(v, np.generic):
+        if is_torch(v) or isinstance(v, np.generic):
             v = v.item()
         out[k] = v
     return out

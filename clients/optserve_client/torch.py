@@ -16,9 +16,14 @@ from typing import Any
 
 import torch
 
-from ._base import TORCH_DEFAULTS, Format, Session, Timeout
+from ._base import round_read_timeout
+from ._codec import dense_grad
+from ._requests import Format
+from ._results import Session
+from ._transport import Timeout
 from .client import Client
 from .errors import StaleGradientError
+from .spec import TORCH_DEFAULTS
 from .state import TORCH_GROUP_EXTRAS, from_torch_state_dict, to_torch_state_dict
 
 __all__ = ["RemoteAdagrad", "RemoteOptimizer", "RemoteRMSprop", "RemoteSGD"]
@@ -173,10 +178,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """A sync-mode step waits for its round: read for longer than the round may last."""
         if doc.mode != "sync" or not doc.sync:
             return
-        need = float(doc.sync.get("timeout_s", 60.0)) + 30.0
-        current = self._client.timeout
-        if current.read is not None and current.read < need:
-            self._client = self._client.with_options(timeout=Timeout(current.connect, need))
+        self._client = self._client.with_read_timeout(round_read_timeout(doc.sync))
 
     @torch.no_grad()
     def _pull(self, gi: int) -> None:
@@ -223,9 +225,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for name, p in zip(gs.names, group["params"], strict=True):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("optserve does not take sparse gradients")
-                grads[name] = p.grad
+                grads[name] = dense_grad(p.grad)
             if not grads:
                 continue
             self._push_hyperparams(gi)
