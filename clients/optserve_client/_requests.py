@@ -110,7 +110,12 @@ class RequestBuilder:
     def _create_session_call(self, optimizer: str, hyperparams: Mapping[str, Any] | None,
                              params: Mapping[str, Any] | None, mode: str,
                              max_staleness: int | None, sync: Mapping[str, Any] | None,
-                             name: str | None, preset: str | None) -> Call[Session]:
+                             name: str | None, preset: str | None
+                             ) -> tuple[Call[Session], Mapping[str, Any] | None]:
+        """The create call, and the ``params`` to PUT after it (None: small, sent inline)."""
+        upload = None if self._inline(params) else params
+        if upload is not None:
+            params = None
         doc: dict[str, Any] = {"optimizer": optimizer, "mode": mode}
         if hyperparams is not None:
             doc["hyperparams"] = dict(hyperparams)
@@ -129,7 +134,7 @@ class RequestBuilder:
         return Call("POST", "/v1/sessions", _parse_session, body=json.dumps(doc).encode(),
                     headers={"Content-Type": "application/json", "Accept": "application/json",
                              "Idempotency-Key": f"optserve-create-{uuid.uuid4()}"},
-                    idempotent=True)
+                    idempotent=True), upload
 
     @staticmethod
     def _inline(params: Mapping[str, Any] | None) -> bool:

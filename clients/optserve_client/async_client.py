@@ -90,20 +90,19 @@ class AsyncClient(BaseClient):
                              sync: Mapping[str, Any] | None = None, name: str | None = None,
                              preset: str | None = None) -> Session:
         """See `Client.create_session`."""
-        inline = self._inline(params)
-        session = await self._run(self._create_session_call(
-            optimizer, hyperparams, params if inline else None, mode, max_staleness, sync,
-            name, preset), self._new_idempotency_key())
-        if not inline and params is not None:
+        call, upload = self._create_session_call(optimizer, hyperparams, params, mode,
+                                                 max_staleness, sync, name, preset)
+        session = await self._run(call, self._new_idempotency_key())
+        if upload is None:
+            return session
+        try:
+            return await self.put_params(session.id, upload)
+        except BaseException:
             try:
-                session = await self.put_params(session.id, params)
-            except BaseException:
-                try:
-                    await self.delete_session(session.id)
-                except Exception:
-                    log.warning("could not delete half-created session %s", session.id)
-                raise
-        return session
+                await self.delete_session(session.id)
+            except Exception:
+                log.warning("could not delete half-created session %s", session.id)
+            raise
 
     async def list_sessions(self) -> list[Session]:
         return await self._run(self._list_sessions_call())

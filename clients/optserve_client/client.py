@@ -62,20 +62,19 @@ class Client(BaseClient):
         """Create a session. Small ``params`` go inline; large ones follow by a binary PUT
         (the session is deleted again if that upload fails). ``preset`` ("standard", "rnn",
         "momentum") fills RMSprop hyperparameters that ``hyperparams`` does not set."""
-        inline = self._inline(params)
-        session = self._run(self._create_session_call(
-            optimizer, hyperparams, params if inline else None, mode, max_staleness, sync,
-            name, preset), self._new_idempotency_key())
-        if not inline and params is not None:
+        call, upload = self._create_session_call(optimizer, hyperparams, params, mode,
+                                                 max_staleness, sync, name, preset)
+        session = self._run(call, self._new_idempotency_key())
+        if upload is None:
+            return session
+        try:
+            return self.put_params(session.id, upload)
+        except BaseException:
             try:
-                session = self.put_params(session.id, params)
-            except BaseException:
-                try:
-                    self.delete_session(session.id)
-                except Exception:
-                    log.warning("could not delete half-created session %s", session.id)
-                raise
-        return session
+                self.delete_session(session.id)
+            except Exception:
+                log.warning("could not delete half-created session %s", session.id)
+            raise
 
     def list_sessions(self) -> list[Session]:
         return self._run(self._list_sessions_call())
