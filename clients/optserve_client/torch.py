@@ -28,6 +28,8 @@ from .state import TORCH_GROUP_EXTRAS, from_torch_state_dict, to_torch_state_dic
 
 __all__ = ["RemoteAdagrad", "RemoteOptimizer", "RemoteRMSprop", "RemoteSGD"]
 
+_RMS, _ADA, _SGD = (TORCH_DEFAULTS[n] for n in ("rmsprop", "adagrad", "sgd"))
+
 # torch options that only pick a local kernel; accepted (so a swapped-in call still works)
 # and ignored: the service runs its own kernels.
 _KERNEL_OPTIONS = ("foreach", "capturable", "differentiable", "fused")
@@ -320,9 +322,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
 class RemoteRMSprop(RemoteOptimizer):
     """``torch.optim.RMSprop`` with the state and update in the service."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-2, alpha: float = 0.99,
-                 eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
-                 centered: bool = False, maximize: bool = False, *, url: str | None = None,
+    def __init__(self, params: Iterable[Any], lr: float = _RMS["lr"],
+                 alpha: float = _RMS["alpha"], eps: float = _RMS["eps"],
+                 weight_decay: float = _RMS["weight_decay"], momentum: float = _RMS["momentum"],
+                 centered: bool = _RMS["centered"], maximize: bool = _RMS["maximize"], *,
+                 url: str | None = None,
                  session: str | Session | Sequence[str | Session] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(params, "rmsprop", url=url, session=session, lr=lr, alpha=alpha,
@@ -333,9 +337,11 @@ class RemoteRMSprop(RemoteOptimizer):
 class RemoteAdagrad(RemoteOptimizer):
     """``torch.optim.Adagrad`` with the state and update in the service."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-2, lr_decay: float = 0,
-                 weight_decay: float = 0, initial_accumulator_value: float = 0,
-                 eps: float = 1e-10, maximize: bool = False, *, url: str | None = None,
+    def __init__(self, params: Iterable[Any], lr: float = _ADA["lr"],
+                 lr_decay: float = _ADA["lr_decay"], weight_decay: float = _ADA["weight_decay"],
+                 initial_accumulator_value: float = _ADA["initial_accumulator_value"],
+                 eps: float = _ADA["eps"], maximize: bool = _ADA["maximize"], *,
+                 url: str | None = None,
                  session: str | Session | Sequence[str | Session] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(params, "adagrad", url=url, session=session, lr=lr,
@@ -347,9 +353,10 @@ class RemoteAdagrad(RemoteOptimizer):
 class RemoteSGD(RemoteOptimizer):
     """``torch.optim.SGD`` with the state and update in the service."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0,
-                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False,
-                 maximize: bool = False, *, url: str | None = None,
+    def __init__(self, params: Iterable[Any], lr: float = _SGD["lr"],
+                 momentum: float = _SGD["momentum"], dampening: float = _SGD["dampening"],
+                 weight_decay: float = _SGD["weight_decay"], nesterov: bool = _SGD["nesterov"],
+                 maximize: bool = _SGD["maximize"], *, url: str | None = None,
                  session: str | Session | Sequence[str | Session] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(params, "sgd", url=url, session=session, lr=lr, momentum=momentum,
