@@ -24,7 +24,7 @@ from ._transport import Timeout
 from .client import Client
 from .errors import StaleGradientError
 from .spec import TORCH_DEFAULTS
-from .state import TORCH_GROUP_EXTRAS, from_torch_state_dict, to_torch_state_dict
+from .state import from_torch_state_dict, to_torch_state_dict, torch_group
 
 __all__ = ["RemoteAdagrad", "RemoteOptimizer", "RemoteRMSprop", "RemoteSGD"]
 
@@ -260,7 +260,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 state[idx] = {k: (v if k == "step" else v.to(p.device, copy=True))
                               for k, v in entry.items()}
             packed = {k: v for k, v in group.items() if k != "params"}
-            for k, v in TORCH_GROUP_EXTRAS[self._optserve_optimizer].items():
+            for k, v in torch_group(self._optserve_optimizer, {}).items():
                 packed.setdefault(k, v)
             packed["params"] = sd["param_groups"][0]["params"]
             groups.append(packed)
