@@ -4,7 +4,7 @@ compression (bfloat16/float16 packing), and the body helpers the request builder
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -92,6 +92,14 @@ def nbytes(value: Any) -> int:
     return np.asarray(value).nbytes
 
 
-def named(tensors: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    """A dict from a mapping or (name, tensor) pairs (e.g. ``model.named_parameters()``)."""
+def named(tensors: Any) -> dict[str, Any]:
+    """A dict from a mapping, (name, tensor) pairs (e.g. ``model.named_parameters()``) or a
+    torch module (its named parameters)."""
+    if hasattr(tensors, "named_parameters"):
+        tensors = tensors.named_parameters()
     return dict(tensors.items() if isinstance(tensors, Mapping) else tensors)
+
+
+def params_of(params: Any) -> dict[str, Any]:
+    """`named`, with torch tensors detached: a session's initial parameters."""
+    return {k: (v.detach() if hasattr(v, "detach") else v) for k, v in named(params).items()}

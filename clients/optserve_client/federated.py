@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._base import round_read_timeout
-from ._codec import ArrayKind
+from ._codec import ArrayKind, params_of
 from ._results import Session
 from .client import Client
-from .distributed import _params_of
 from .errors import RoundClosedError, RoundFailedError
 
 __all__ = [
@@ -93,7 +92,7 @@ class FederatedServer:
             hyperparams = {**SERVER_HYPERPARAMS, **hyperparams}
         sync = {"contributions": int(n_clients), "min_contributions": int(min_contributions),
                 "timeout_s": float(timeout_s)}
-        doc = client.create_session(optimizer, hyperparams, _params_of(params), mode="sync",
+        doc = client.create_session(optimizer, hyperparams, params_of(params), mode="sync",
                                     sync=sync, name=name)
         return cls(client, doc)
 

@@ -199,7 +199,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any],
                     raise ValueError(f"{opt}: unknown state entry {key!r} for {name!r}")
                 if value is not None:  # SGD without momentum keeps momentum_buffer None
                     tensors[f"state.{name}.{key}"] = _state_value(key, value, tensor)
-    meta = {"optimizer": opt, "hyperparams": _plain(hps[chosen[0]]), "version": 0}
+    meta = {"optimizer": opt, "hyperparams": plain_hyperparams(hps[chosen[0]]), "version": 0}
     return tensors, meta
 
 
@@ -227,7 +227,7 @@ def _torch_float32() -> Any:
     return torch.float32
 
 
-def _plain(hp: Mapping[str, Any]) -> dict[str, Any]:
+def plain_hyperparams(hp: Mapping[str, Any]) -> dict[str, Any]:
     """Hyperparameters as JSON values (a tensor lr becomes a float)."""
     out: dict[str, Any] = {}
     for k, v in hp.items():

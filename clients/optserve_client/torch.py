@@ -23,16 +23,18 @@ from ._results import Session
 from ._transport import Timeout
 from .client import Client
 from .errors import StaleGradientError
-from .spec import TORCH_DEFAULTS
-from .state import from_torch_state_dict, to_torch_state_dict, torch_group
+from .spec import KERNEL_OPTIONS, TORCH_DEFAULTS
+from .state import (
+    from_torch_state_dict,
+    plain_hyperparams,
+    to_torch_state_dict,
+    torch_group,
+)
 
 __all__ = ["RemoteAdagrad", "RemoteOptimizer", "RemoteRMSprop", "RemoteSGD"]
 
 _RMS, _ADA, _SGD = (TORCH_DEFAULTS[n] for n in ("rmsprop", "adagrad", "sgd"))
 
-# torch options that only pick a local kernel; accepted (so a swapped-in call still works)
-# and ignored: the service runs its own kernels.
-_KERNEL_OPTIONS = ("foreach", "capturable", "differentiable", "fused")
 
 
 @dataclass
@@ -42,13 +44,6 @@ class _GroupSession:
     version: int
     hyperparams: dict[str, Any] = field(default_factory=dict)  # as last sent or seen
     created: bool = False
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-able hyperparameter value (LR schedulers may store tensors)."""
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    return value
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -77,7 +72,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         optimizer = optimizer.lower()
         if optimizer not in TORCH_DEFAULTS:
             raise ValueError(f"optimizer must be one of {sorted(TORCH_DEFAULTS)}")
-        for opt in _KERNEL_OPTIONS:
+        for opt in KERNEL_OPTIONS:  # accepted (a swapped-in call still works), ignored
             hyperparams.pop(opt, None)
         unknown = set(hyperparams) - set(TORCH_DEFAULTS[optimizer])
         if unknown:
@@ -133,7 +128,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _hyperparams(self, gi: int) -> dict[str, Any]:
         group = self.param_groups[gi]
-        return {k: _plain(group[k]) for k in self._hp_keys}
+        return plain_hyperparams({k: group[k] for k in self._hp_keys})  # LR schedulers: tensors
 
     def _ensure(self, gi: int, attach: str | Session | None = None) -> _GroupSession:
         """The group's session, created (or attached to) on first use."""
