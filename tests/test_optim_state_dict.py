@@ -10,6 +10,7 @@ from torch import Tensor
 
 from optserve import optim
 from optserve.optim import fused as fused_mod
+from optserve_client.state import split_state
 
 SHAPES: dict[str, tuple[int, ...]] = {"w": (3, 4), "b": (5,), "idle": (2,)}
 # Every structural flag on: the fused variants share kernels with the conformance tests.
@@ -33,6 +34,18 @@ def _grads(seed: int, steps: int) -> list[dict[str, Tensor | None]]:
         g["idle"] = None  # never gets a gradient: tests state for stateless params
         out.append(g)
     return out
+
+
+def _export(params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]
+            ) -> dict[str, Tensor]:
+    """The service's state export form: ``param.<name>`` and ``state.<name>.<key>``."""
+    out = {f"param.{n}": t for n, t in params.items()}
+    out.update({f"state.{n}.{k}": t for n, st in state.items() for k, t in st.items()})
+    return out
+
+
+def _meta(name: str, hp: Any) -> dict[str, Any]:
+    return {"optimizer": name, "hyperparams": hp.model_dump()}
 
 
 def _torch_steps(topt: torch.optim.Optimizer, ps: dict[str, torch.nn.Parameter],
@@ -64,13 +77,16 @@ def test_torch_optserve_torch_round_trip(name: str, fused: bool,
     a_opt = opt.torch_class([a[n] for n in names], **hp)
     _torch_steps(a_opt, a, grads[:10])
 
-    model, state = optim.from_torch_state_dict(opt, a_opt.state_dict(), names)
+    tensors, meta = optim.from_torch_state_dict(a_opt.state_dict(), a, name)
+    model = opt.hyperparams.model_validate(meta["hyperparams"])
+    _, state = split_state(tensors)
     assert model == opt.hyperparams.model_validate(hp)
     params = {n: p.detach().clone() for n, p in a.items()}
     for g in grads[10:20]:
         optim.step(opt, params, g, state, model, fused=fused)
 
-    sd = optim.to_torch_state_dict(opt, model, names, state, params=params)
+    sd = optim.to_torch_state_dict(_export(params, state), _meta(name, model), names,
+                                   param_names=False)
     b = {n: torch.nn.Parameter(params[n].clone()) for n in names}
     b_opt = opt.torch_class([b[n] for n in names], **hp)
     b_opt.load_state_dict(sd)
@@ -107,7 +123,8 @@ def test_state_dict_equals_torchs(name: str) -> None:
     model = opt.hyperparams.model_validate(hp)
     for g in grads:
         optim.step(opt, params, g, state, model)
-    got = optim.to_torch_state_dict(opt, model, names, state, params=params)
+    got = optim.to_torch_state_dict(_export(params, state), _meta(name, model), names,
+                                    param_names=False)
 
     assert got["param_groups"] == expected["param_groups"]
     assert list(got["param_groups"][0]) == list(expected["param_groups"][0])
@@ -121,7 +138,7 @@ def test_state_dict_equals_torchs(name: str) -> None:
 
 def test_group_keys_cover_torch_flags() -> None:
     opt = optim.get_optimizer("rmsprop")
-    sd = optim.to_torch_state_dict(opt, opt.hyperparams(), ["a"], {})
+    sd = optim.to_torch_state_dict({}, _meta("rmsprop", opt.hyperparams()), ["a"])
     group = sd["param_groups"][0]
     for key in ("foreach", "capturable", "differentiable", "maximize", "centered", "params"):
         assert key in group
@@ -131,9 +148,9 @@ def test_group_keys_cover_torch_flags() -> None:
 def test_adagrad_needs_params_for_stateless() -> None:
     opt = optim.get_optimizer("adagrad")
     with pytest.raises(ValueError, match="params="):
-        optim.to_torch_state_dict(opt, opt.hyperparams(), ["a"], {})
-    sd = optim.to_torch_state_dict(opt, opt.hyperparams(initial_accumulator_value=0.5),
-                                   ["a"], {}, params={"a": torch.zeros(3)})
+        optim.to_torch_state_dict({}, _meta("adagrad", opt.hyperparams()), ["a"])
+    sd = optim.to_torch_state_dict({}, _meta("adagrad", opt.hyperparams(
+        initial_accumulator_value=0.5)), ["a"], params={"a": torch.zeros(3)})
     assert torch.equal(sd["state"][0]["sum"], torch.full((3,), 0.5))
     assert torch.equal(sd["state"][0]["step"], torch.tensor(0.0))
 
@@ -142,15 +159,16 @@ def test_from_torch_rejects_mismatches() -> None:
     opt = optim.get_optimizer("rmsprop")
     ps = [torch.nn.Parameter(torch.ones(2)) for _ in range(2)]
     sd = torch.optim.RMSprop(ps).state_dict()
+    named = {"a": ps[0], "b": ps[1]}
     with pytest.raises(ValueError, match="names"):
-        optim.from_torch_state_dict(opt, sd, ["only_one"])
+        optim.from_torch_state_dict(sd, {"only_one": ps[0]})
     two_groups = torch.optim.RMSprop([{"params": [ps[0]], "lr": 0.1}, {"params": [ps[1]]}])
     with pytest.raises(ValueError, match="different hyperparameters"):
-        optim.from_torch_state_dict(opt, two_groups.state_dict(), ["a", "b"])
+        optim.from_torch_state_dict(two_groups.state_dict(), named)
     same_groups = torch.optim.RMSprop([{"params": [ps[0]]}, {"params": [ps[1]]}], lr=0.1)
-    hp, state = optim.from_torch_state_dict(opt, same_groups.state_dict(), ["a", "b"])
+    tensors, meta = optim.from_torch_state_dict(same_groups.state_dict(), named)
+    hp, (_, state) = opt.hyperparams.model_validate(meta["hyperparams"]), split_state(tensors)
     assert hp.lr == 0.1 and state == {}
     with pytest.raises(ValueError, match="unknown state entry"):
         optim.from_torch_state_dict(
-            opt, {"param_groups": sd["param_groups"], "state": {0: {"exp_avg": ps[0]}}},
-            ["a", "b"])
+            {"param_groups": sd["param_groups"], "state": {0: {"exp_avg": ps[0]}}}, named)

@@ -9,25 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import (
-    DEFAULT_BASE_URL,
-    PRESETS,
-    TORCH_DEFAULTS,
-    RawRequest,
-    RawResponse,
-    RetryPolicy,
-    Session,
-    StepResult,
-    Timeout,
-    Transport,
-    Urllib3Transport,
-    __version__,
-)
+from ._base import DEFAULT_BASE_URL, __version__
+from ._results import Session, StepResult
+from ._retry import RetryPolicy
+from ._transport import RawRequest, RawResponse, Timeout, Transport, Urllib3Transport
 from .async_client import AsyncClient, AsyncTransport, ThreadedAsyncTransport
 from .client import Client
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
-from .numpy_optim import SGD, AdaGrad, RMSprop
+from .numpy_optim import PRESETS, SGD, AdaGrad, RMSprop
+from .spec import TORCH_DEFAULTS
 from .state import (
     export_torch_state_dict,
     from_torch_state_dict,

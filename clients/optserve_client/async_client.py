@@ -12,31 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-from ._base import (
-    ArrayKind,
-    BaseClient,
-    Call,
-    Format,
-    RawRequest,
-    RawResponse,
-    RetryPolicy,
-    Session,
-    StepResult,
-    Timeout,
-    Transport,
-    Urllib3Transport,
-    check_format,
-)
-from .errors import APIConnectionError, OptserveError, error_from_response
+from ._base import BaseClient
+from ._codec import ArrayKind
+from ._requests import Call
+from ._results import Session, StepResult
+from ._transport import RawRequest, RawResponse, Timeout, Transport, Urllib3Transport
+from .errors import APIConnectionError, OptserveError
 
 log = logging.getLogger("optserve_client")
 T = TypeVar("T")
-_UNSET: Any = object()
 
 
 class AsyncTransport(Protocol):
@@ -71,32 +59,8 @@ class AsyncClient(BaseClient):
     ``async aclose()``; the default is `ThreadedAsyncTransport`.
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float | tuple[float | None, float | None] | Timeout | None = 60.0,
-                 max_retries: int = 3, format: Format = "safetensors", *,
-                 transport: AsyncTransport | None = None, max_connections: int = 32,
-                 default_headers: Mapping[str, str] | None = None,
-                 retry_policy: RetryPolicy | None = None) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, format,
-                         default_headers=default_headers, retry_policy=retry_policy)
-        self._transport: AsyncTransport = transport or ThreadedAsyncTransport(
-            max_connections=max_connections)
-        self._owns_transport = transport is None
-        self._sleep: Callable[[float], Coroutine[Any, Any, None]] = asyncio.sleep
-
-    def with_options(self, *, timeout: Any = _UNSET, max_retries: int | None = None,
-                     format: Format | None = None) -> AsyncClient:
-        """A copy with other options that shares this client's connection pool."""
-        other = AsyncClient.__new__(AsyncClient)
-        other.__dict__.update(self.__dict__)
-        other._owns_transport = False
-        if timeout is not _UNSET:
-            other.timeout = Timeout.of(timeout)
-        if max_retries is not None:
-            other.retry_policy = replace(self.retry_policy, max_retries=max_retries)
-        if format is not None:
-            other.format = check_format(format)
-        return other
+    _default_transport = ThreadedAsyncTransport
+    _sleep_in = asyncio
 
     async def close(self) -> None:
         if self._owns_transport:
@@ -110,42 +74,14 @@ class AsyncClient(BaseClient):
 
     async def _run(self, call: Call[T], idempotency_key: str | None = None) -> T:
         """`Client._run`, awaiting instead of blocking."""
-        request = self._prepare(call, idempotency_key)
-        if isinstance(request.body, list):
+        tries = self._tries(call, idempotency_key)
+        if isinstance(tries.request.body, list):
             # A snapshot: the send runs in another thread, and a cancelled call's send
             # outlives it; the caller may reuse its arrays as soon as it stops awaiting.
-            request.body = b"".join(request.body)
-        policy = self.retry_policy
-        if call.max_retries is not None:
-            policy = replace(policy, max_retries=call.max_retries)
-        attempt = 0
-        ambiguous = False
-        while True:
-            try:
-                resp = await self._transport.send(request, self.timeout)
-            except APIConnectionError as exc:
-                delay = policy.delay_for_exception(exc, call.idempotent, attempt,
-                                                   self._sleep_rng)
-                if delay is None:
-                    raise
-                ambiguous = ambiguous or exc.request_sent is not False
-                log.info("%s %s: %s; retry %d in %.2fs", call.method, call.path, exc,
-                         attempt + 1, delay)
-                await self._sleep(delay)
-                attempt += 1
-                continue
-            if resp.status < 400 or (resp.status == 404 and ambiguous
-                                     and call.absent_ok_on_retry):
-                return call.parse(resp, attempt + 1)
-            delay = policy.delay_for_status(resp.status, resp.headers, attempt,
-                                            self._sleep_rng)
-            if delay is None:
-                raise error_from_response(resp.status, resp.body, resp.headers,
-                                          method=call.method, url=request.url)
-            log.info("%s %s: HTTP %d; retry %d in %.2fs", call.method, call.path,
-                     resp.status, attempt + 1, delay)
+            tries.request.body = b"".join(tries.request.body)
+        while (delay := tries.judge(await self._send(tries.request))) is not None:
             await self._sleep(delay)
-            attempt += 1
+        return tries.result
 
     async def create_session(self, optimizer: str = "rmsprop",
                              hyperparams: Mapping[str, Any] | None = None,
@@ -154,20 +90,19 @@ class AsyncClient(BaseClient):
                              sync: Mapping[str, Any] | None = None, name: str | None = None,
                              preset: str | None = None) -> Session:
         """See `Client.create_session`."""
-        inline = self._inline(params)
-        session = await self._run(self._create_session_call(
-            optimizer, hyperparams, params if inline else None, mode, max_staleness, sync,
-            name, preset), self._new_idempotency_key())
-        if not inline and params is not None:
+        call, upload = self._create_session_call(optimizer, hyperparams, params, mode,
+                                                 max_staleness, sync, name, preset)
+        session = await self._run(call, self._new_idempotency_key())
+        if upload is None:
+            return session
+        try:
+            return await self.put_params(session.id, upload)
+        except BaseException:
             try:
-                session = await self.put_params(session.id, params)
-            except BaseException:
-                try:
-                    await self.delete_session(session.id)
-                except Exception:
-                    log.warning("could not delete half-created session %s", session.id)
-                raise
-        return session
+                await self.delete_session(session.id)
+            except Exception:
+                log.warning("could not delete half-created session %s", session.id)
+            raise
 
     async def list_sessions(self) -> list[Session]:
         return await self._run(self._list_sessions_call())
@@ -219,6 +154,12 @@ class AsyncClient(BaseClient):
 
     async def live(self) -> bool:
         return await self._probe("/livez")
+
+    async def _send(self, request: RawRequest) -> RawResponse | APIConnectionError:
+        try:
+            return await self._transport.send(request, self.timeout)
+        except APIConnectionError as exc:
+            return exc
 
     async def _probe(self, path: str) -> bool:
         try:

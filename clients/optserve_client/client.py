@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from ._base import (
-    ArrayKind,
-    BaseClient,
-    Call,
-    Format,
-    RawResponse,
-    RetryPolicy,
-    Session,
-    StepResult,
-    Timeout,
-    Transport,
-    Urllib3Transport,
-    check_format,
-)
-from .errors import APIConnectionError, OptserveError, error_from_response
+from ._base import BaseClient
+from ._codec import ArrayKind
+from ._requests import Call
+from ._results import Session, StepResult
+from ._transport import RawRequest, RawResponse, Urllib3Transport
+from .errors import APIConnectionError, OptserveError
 
 log = logging.getLogger("optserve_client")
 T = TypeVar("T")
-_UNSET: Any = object()
 
 
 class Client(BaseClient):
@@ -39,34 +28,10 @@ class Client(BaseClient):
     inject faults there); the default is `Urllib3Transport`.
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float | tuple[float | None, float | None] | Timeout | None = 60.0,
-                 max_retries: int = 3, format: Format = "safetensors", *,
-                 transport: Transport | None = None, max_connections: int = 32,
-                 default_headers: Mapping[str, str] | None = None,
-                 retry_policy: RetryPolicy | None = None) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, format,
-                         default_headers=default_headers, retry_policy=retry_policy)
-        self._transport: Transport = transport or Urllib3Transport(
-            max_connections=max_connections)
-        self._owns_transport = transport is None
-        self._sleep: Callable[[float], None] = time.sleep
+    _default_transport = Urllib3Transport
+    _sleep_in = time
 
     # ------------------------------------------------------------------ lifecycle
-
-    def with_options(self, *, timeout: Any = _UNSET, max_retries: int | None = None,
-                     format: Format | None = None) -> Client:
-        """A copy with other options that shares this client's connection pool."""
-        other = Client.__new__(Client)
-        other.__dict__.update(self.__dict__)
-        other._owns_transport = False
-        if timeout is not _UNSET:
-            other.timeout = Timeout.of(timeout)
-        if max_retries is not None:
-            other.retry_policy = replace(self.retry_policy, max_retries=max_retries)
-        if format is not None:
-            other.format = check_format(format)
-        return other
 
     def close(self) -> None:
         if self._owns_transport:
@@ -82,38 +47,10 @@ class Client(BaseClient):
 
     def _run(self, call: Call[T], idempotency_key: str | None = None) -> T:
         """Send a call, retrying per the policy with the same request (and key) every try."""
-        request = self._prepare(call, idempotency_key)
-        policy = self.retry_policy
-        if call.max_retries is not None:
-            policy = replace(policy, max_retries=call.max_retries)
-        attempt = 0
-        ambiguous = False
-        while True:
-            try:
-                resp: RawResponse = self._transport.send(request, self.timeout)
-            except APIConnectionError as exc:
-                delay = policy.delay_for_exception(exc, call.idempotent, attempt,
-                                                   self._sleep_rng)
-                if delay is None:
-                    raise
-                ambiguous = ambiguous or exc.request_sent is not False
-                log.info("%s %s: %s; retry %d in %.2fs", call.method, call.path, exc,
-                         attempt + 1, delay)
-                self._sleep(delay)
-                attempt += 1
-                continue
-            if resp.status < 400 or (resp.status == 404 and ambiguous
-                                     and call.absent_ok_on_retry):
-                return call.parse(resp, attempt + 1)
-            delay = policy.delay_for_status(resp.status, resp.headers, attempt,
-                                            self._sleep_rng)
-            if delay is None:
-                raise error_from_response(resp.status, resp.body, resp.headers,
-                                          method=call.method, url=request.url)
-            log.info("%s %s: HTTP %d; retry %d in %.2fs", call.method, call.path,
-                     resp.status, attempt + 1, delay)
+        tries = self._tries(call, idempotency_key)
+        while (delay := tries.judge(self._send(tries.request))) is not None:
             self._sleep(delay)
-            attempt += 1
+        return tries.result
 
     # ------------------------------------------------------------------ sessions
 
@@ -125,20 +62,19 @@ class Client(BaseClient):
         """Create a session. Small ``params`` go inline; large ones follow by a binary PUT
         (the session is deleted again if that upload fails). ``preset`` ("standard", "rnn",
         "momentum") fills RMSprop hyperparameters that ``hyperparams`` does not set."""
-        inline = self._inline(params)
-        session = self._run(self._create_session_call(
-            optimizer, hyperparams, params if inline else None, mode, max_staleness, sync,
-            name, preset), self._new_idempotency_key())
-        if not inline and params is not None:
+        call, upload = self._create_session_call(optimizer, hyperparams, params, mode,
+                                                 max_staleness, sync, name, preset)
+        session = self._run(call, self._new_idempotency_key())
+        if upload is None:
+            return session
+        try:
+            return self.put_params(session.id, upload)
+        except BaseException:
             try:
-                session = self.put_params(session.id, params)
-            except BaseException:
-                try:
-                    self.delete_session(session.id)
-                except Exception:
-                    log.warning("could not delete half-created session %s", session.id)
-                raise
-        return session
+                self.delete_session(session.id)
+            except Exception:
+                log.warning("could not delete half-created session %s", session.id)
+            raise
 
     def list_sessions(self) -> list[Session]:
         return self._run(self._list_sessions_call())
@@ -206,6 +142,12 @@ class Client(BaseClient):
 
     def live(self) -> bool:
         return self._probe("/livez")
+
+    def _send(self, request: RawRequest) -> RawResponse | APIConnectionError:
+        try:
+            return self._transport.send(request, self.timeout)
+        except APIConnectionError as exc:
+            return exc
 
     def _probe(self, path: str) -> bool:
         try:

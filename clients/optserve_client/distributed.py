@@ -28,7 +28,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._base import ArrayKind, Session, Timeout, named
+from ._base import round_read_timeout
+from ._codec import ArrayKind, dense_grad, is_torch, named, params_of
+from ._results import Session
 from .client import Client
 from .errors import RoundClosedError, RoundFailedError, StaleGradientError
 
@@ -51,9 +53,6 @@ Grads = Mapping[str, Any]
 GradFn = Callable[[Params], Grads]
 OnStale = Literal["recompute", "drop"]
 
-# A sync push waits for its round: the read timeout must outlast the round's own deadline.
-_ROUND_READ_SLACK_S = 30.0
-
 
 @dataclass
 class StepReport:
@@ -74,14 +73,6 @@ class StepReport:
     recomputes: int = 0
 
 
-def _params_of(params: Any) -> dict[str, Any]:
-    """A name -> tensor dict from a mapping, (name, tensor) pairs or a torch module."""
-    if hasattr(params, "named_parameters"):
-        params = params.named_parameters()
-    out = named(params)
-    return {k: (v.detach() if hasattr(v, "detach") else v) for k, v in out.items()}
-
-
 def create_sync_session(client: Client, params: Any, workers: int, *,
                         min_contributions: int | None = None, timeout_s: float = 60.0,
                         optimizer: str = "rmsprop", name: str | None = None,
@@ -94,7 +85,7 @@ def create_sync_session(client: Client, params: Any, workers: int, *,
     """
     sync: dict[str, Any] = {"contributions": int(workers), "timeout_s": float(timeout_s),
                             "min_contributions": int(min_contributions or workers)}
-    return client.create_session(optimizer, hyperparams, _params_of(params), mode="sync",
+    return client.create_session(optimizer, hyperparams, params_of(params), mode="sync",
                                  sync=sync, name=name)
 
 
@@ -102,7 +93,7 @@ def create_async_session(client: Client, params: Any, *, max_staleness: int | No
                          optimizer: str = "rmsprop", name: str | None = None,
                          **hyperparams: Any) -> Session:
     """An async-mode session whose pushes may lag at most ``max_staleness`` versions."""
-    return client.create_session(optimizer, hyperparams, _params_of(params), mode="async",
+    return client.create_session(optimizer, hyperparams, params_of(params), mode="async",
                                  max_staleness=max_staleness, name=name)
 
 
@@ -144,7 +135,7 @@ class _Worker:
         return f"{self._tag}-v{self.version}-{self._n}"
 
     def _push(self, grads: Grads, weight: float | None) -> tuple[Params, int]:
-        if any(type(g).__module__.startswith("torch") for g in grads.values()):
+        if any(is_torch(g) for g in grads.values()):
             self._kind = "torch"
         res = self.client.step(self.session_id, grads, base_version=self.version,
                                weight=weight, idempotency_key=self._key(),
@@ -178,11 +169,7 @@ class SyncWorker(_Worker):
         super().__init__(client, session, rank=rank, as_=as_, grad_dtype=grad_dtype)
         self.weight = weight
         self.round_retries = round_retries
-        sync = self.session.sync or {}
-        need = float(sync.get("timeout_s", 60.0)) + _ROUND_READ_SLACK_S
-        read = client.timeout.read
-        if read is not None and read < need:
-            self.client = client.with_options(timeout=Timeout(client.timeout.connect, need))
+        self.client = client.with_read_timeout(round_read_timeout(self.session.sync))
 
     def step(self, grads: Grads, *, weight: float | None = None) -> Params:
         """Contribute to the round of ``self.version``; the round's new parameters."""
@@ -259,12 +246,10 @@ class AsyncWorker(_Worker):
                 log.info("worker %s: gradient of version %d is stale (now %s)", self.rank,
                          base, exc.current_version)
                 params = self.pull()
-                if self.on_stale == "drop":
-                    self.last = StepReport(base, self.version, "dropped", pushes, recomputes)
-                    return params
-                if recomputes >= self.max_recomputes:
-                    log.warning("worker %s: still stale after %d recomputes; dropping the "
-                                "gradient", self.rank, recomputes)
+                if self.on_stale == "drop" or recomputes >= self.max_recomputes:
+                    if self.on_stale != "drop":
+                        log.warning("worker %s: still stale after %d recomputes; dropping "
+                                    "the gradient", self.rank, recomputes)
                     self.last = StepReport(base, self.version, "dropped", pushes, recomputes)
                     return params
                 recomputes += 1
@@ -296,8 +281,7 @@ class DataParallelOptimizer:
                  pull: bool = True) -> None:
         import torch  # noqa: F401  (the torch part of the SDK)
 
-        self.tensors: dict[str, torch.Tensor] = named(
-            params.named_parameters() if hasattr(params, "named_parameters") else params)
+        self.tensors: dict[str, torch.Tensor] = named(params)
         doc = client.get_session(session)
         self.worker: SyncWorker | AsyncWorker
         if doc.mode == "sync":
@@ -337,9 +321,7 @@ class DataParallelOptimizer:
         out = {}
         for n, p in self.tensors.items():
             if p.grad is not None:
-                if p.grad.is_sparse:
-                    raise RuntimeError("optserve does not take sparse gradients")
-                out[n] = p.grad.detach()
+                out[n] = dense_grad(p.grad).detach()
         return out
 
     def _write(self, params: Mapping[str, Any]) -> None:

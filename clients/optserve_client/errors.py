@@ -1,11 +1,9 @@
 """Typed exceptions: one class per problem ``code`` of the API, all under `OptserveError`.
 
-Every error response of the service is RFC 9457 problem+json with a stable ``code``; the
-SDK raises the class registered for that code, or (for a code it does not know yet) the
-class of the HTTP status, so ``except ConflictError`` keeps working when the server grows a
-new 409 code. The problem's extra fields (``current_version``, ``tensor``, ...) are kept in
-``problem`` and surfaced as attributes where they mean something.
-"""
+An error response (problem+json) raises the class of its ``code`` (`spec.PROBLEMS`, whose
+meanings are the docstrings of classes without one), else of its HTTP status, so ``except
+ConflictError`` keeps working when the server grows a 409 code. The problem's fields are
+kept in ``problem``, some as attributes."""
 
 from __future__ import annotations
 
@@ -13,52 +11,16 @@ import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-__all__ = [
-    "APIConnectionError",
-    "APIResponseValidationError",
-    "APIStatusError",
-    "APITimeoutError",
-    "AuthenticationError",
-    "BadRequestError",
-    "ConflictError",
-    "DtypeMismatchError",
-    "FutureVersionError",
-    "IdempotencyKeyReusedError",
-    "ImmutableHyperparameterError",
-    "InternalServerError",
-    "InvalidHeaderError",
-    "InvalidHyperparametersError",
-    "InvalidNameError",
-    "InvalidRequestError",
-    "InvalidStateError",
-    "MalformedBodyError",
-    "MethodNotAllowedError",
-    "MissingTensorError",
-    "NoParamsError",
-    "NonFiniteGradientError",
-    "NonFiniteResultError",
-    "NotAcceptableError",
-    "NotFoundError",
-    "OptserveError",
-    "PayloadTooLargeError",
-    "PreconditionFailedError",
-    "PreconditionRequiredError",
-    "RateLimitError",
-    "RoundClosedError",
-    "RoundExpiredError",
-    "RoundFailedError",
-    "ServiceUnavailableError",
-    "SessionBusyError",
-    "SessionNotFoundError",
-    "ShapeMismatchError",
-    "StaleGradientError",
-    "StoreUnavailableError",
-    "UnknownTensorError",
-    "UnprocessableEntityError",
-    "UnsupportedMediaTypeError",
-    "error_from_response",
-    "register_code",
-]
+from .spec import PROBLEMS
+
+_BY_CODE: dict[str, type[APIStatusError]] = {}
+_BY_STATUS: dict[int, type[APIStatusError]] = {}
+
+
+def _problem_field(*keys: str) -> Any:
+    """A read-only attribute: the first of ``keys`` the problem document has, else None."""
+    return property(lambda self: next((self.problem[k] for k in keys if k in self.problem),
+                                      None), doc=f"The problem's ``{keys[0]}``.")
 
 
 class OptserveError(Exception):
@@ -66,15 +28,15 @@ class OptserveError(Exception):
 
 
 class APIConnectionError(OptserveError):
-    """No HTTP response: the connection failed, broke or timed out.
+    """No HTTP response: the connection failed, broke or timed out. ``request_sent`` is
+    False when the request certainly never reached the server (a failed connect), None when
+    it may have (a reset mid-way), True when it did (a read timeout)."""
 
-    ``request_sent`` is False when the request certainly never reached the server (a failed
-    connect), None when it may have (a reset mid-way), True when it did (a read timeout).
-    """
+    default_message: ClassVar[str] = "connection error"
 
-    def __init__(self, message: str = "connection error", *, request_sent: bool | None = None,
+    def __init__(self, message: str | None = None, *, request_sent: bool | None = None,
                  cause: BaseException | None = None) -> None:
-        super().__init__(message)
+        super().__init__(self.default_message if message is None else message)
         self.request_sent = request_sent
         self.__cause__ = cause
 
@@ -82,9 +44,7 @@ class APIConnectionError(OptserveError):
 class APITimeoutError(APIConnectionError):
     """The connect or read timeout expired."""
 
-    def __init__(self, message: str = "request timed out", *, request_sent: bool | None = None,
-                 cause: BaseException | None = None) -> None:
-        super().__init__(message, request_sent=request_sent, cause=cause)
+    default_message = "request timed out"
 
 
 class APIResponseValidationError(OptserveError):
@@ -97,6 +57,16 @@ class APIStatusError(OptserveError):
     status_code: ClassVar[int | None] = None
     codes: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register the class for its own codes, the first of its status for the status."""
+        super().__init_subclass__(**kwargs)
+        if cls.status_code is not None:
+            _BY_STATUS.setdefault(cls.status_code, cls)
+        for code in cls.__dict__.get("codes", ()):
+            _BY_CODE.setdefault(code, cls)
+        if cls.__doc__ is None and cls.codes:
+            cls.__doc__ = "; ".join(PROBLEMS[c][1] for c in cls.codes if c in PROBLEMS) + "."
+
     def __init__(self, message: str, *, status: int, problem: Mapping[str, Any] | None = None,
                  headers: Mapping[str, str] | None = None, method: str = "", url: str = ""
                  ) -> None:
@@ -107,24 +77,15 @@ class APIStatusError(OptserveError):
         self.method = method
         self.url = url
 
-    @property
-    def code(self) -> str | None:
-        return self.problem.get("code")
-
-    @property
-    def title(self) -> str | None:
-        return self.problem.get("title")
-
-    @property
-    def detail(self) -> str | None:
-        return self.problem.get("detail")
+    code: str | None = _problem_field("code")
+    title: str | None = _problem_field("title")
+    detail: str | None = _problem_field("detail")
 
     @property
     def current_version(self) -> int | None:
         """The session's version when the server said so (409, 412 and others)."""
         v = self.problem.get("current_version")
-        if v is None:
-            v = self.headers.get("x-optserve-version")
+        v = self.headers.get("x-optserve-version") if v is None else v
         try:
             return int(v) if v is not None else None
         except (TypeError, ValueError):
@@ -132,12 +93,8 @@ class APIStatusError(OptserveError):
 
     @property
     def retry_after(self) -> float | None:
-        from ._base import parse_retry_after
-
+        from ._retry import parse_retry_after
         return parse_retry_after(self.headers)
-
-
-# ---------------------------------------------------------------- one class per status
 
 
 class BadRequestError(APIStatusError):
@@ -145,8 +102,6 @@ class BadRequestError(APIStatusError):
 
 
 class MalformedBodyError(BadRequestError):
-    """The body is not a well-formed tensor or JSON body."""
-
     codes = ("malformed_body",)
 
 
@@ -157,11 +112,10 @@ class AuthenticationError(APIStatusError):
 
 class NotFoundError(APIStatusError):
     status_code = 404
+    codes = ("not_found",)
 
 
 class SessionNotFoundError(NotFoundError):
-    """No such session, or one of another tenant."""
-
     codes = ("session_not_found",)
 
 
@@ -182,8 +136,6 @@ class ConflictError(APIStatusError):
 
 
 class StaleGradientError(ConflictError):
-    """The gradient's base version is older than ``max_staleness`` allows."""
-
     codes = ("stale_gradient",)
 
 
@@ -200,20 +152,14 @@ class RoundFailedError(ConflictError):
 
 
 class IdempotencyKeyReusedError(ConflictError):
-    """The create's Idempotency-Key made a session that was deleted since: use a new key."""
-
     codes = ("idempotency_key_reused",)
 
 
 class NoParamsError(ConflictError):
-    """The session has no parameters yet (PUT them first)."""
-
     codes = ("no_params",)
 
 
 class PreconditionFailedError(APIStatusError):
-    """412: ``If-Match`` named another version than the session's."""
-
     status_code = 412
     codes = ("version_mismatch", "precondition_failed")
 
@@ -222,9 +168,7 @@ class PayloadTooLargeError(APIStatusError):
     status_code = 413
     codes = ("body_too_large",)
 
-    @property
-    def limit(self) -> int | None:
-        return self.problem.get("limit")
+    limit: int | None = _problem_field("limit")
 
 
 class UnsupportedMediaTypeError(APIStatusError):
@@ -267,13 +211,8 @@ class ShapeMismatchError(UnprocessableEntityError):
 
     codes = ("shape_mismatch",)
 
-    @property
-    def expected(self) -> Any:
-        return self.problem.get("expected", self.problem.get("expected_shape"))
-
-    @property
-    def got(self) -> Any:
-        return self.problem.get("got", self.problem.get("shape", self.problem.get("actual")))
+    expected: Any = _problem_field("expected", "expected_shape")
+    got: Any = _problem_field("got", "shape", "actual")
 
 
 class DtypeMismatchError(UnprocessableEntityError):
@@ -285,8 +224,6 @@ class NonFiniteGradientError(UnprocessableEntityError):
 
 
 class NonFiniteResultError(UnprocessableEntityError):
-    """The step would have produced inf/NaN parameters; nothing was applied."""
-
     codes = ("non_finite_result",)
 
 
@@ -318,25 +255,17 @@ class ImmutableHyperparameterError(UnprocessableEntityError):
 
     codes = ("immutable_hyperparam",)
 
-    @property
-    def field(self) -> str | None:
-        return self.problem.get("field")
+    field: str | None = _problem_field("field")
 
 
 class InvalidRequestError(UnprocessableEntityError):
-    """The JSON body does not fit the request's schema (``errors`` lists the fields)."""
-
     codes = ("invalid_request",)
 
 
 class InvalidHeaderError(UnprocessableEntityError):
-    """A header (Idempotency-Key, If-Match, X-Optserve-*) has an invalid value."""
-
     codes = ("invalid_header",)
 
-    @property
-    def header(self) -> str | None:
-        return self.problem.get("header")
+    header: str | None = _problem_field("header")
 
 
 class InvalidNameError(UnprocessableEntityError):
@@ -344,14 +273,10 @@ class InvalidNameError(UnprocessableEntityError):
 
 
 class InvalidStateError(UnprocessableEntityError):
-    """A state import that does not fit (unknown state key, wrong shape, bad metadata)."""
-
     codes = ("invalid_state",)
 
 
 class PreconditionRequiredError(APIStatusError):
-    """428: a PUT after version 0 needs ``If-Match``."""
-
     status_code = 428
     codes = ("precondition_required",)
 
@@ -373,14 +298,10 @@ class ServiceUnavailableError(InternalServerError):
 
 
 class StoreUnavailableError(ServiceUnavailableError):
-    """The state store is unreachable."""
-
     codes = ("store_unavailable",)
 
 
 class SessionBusyError(ServiceUnavailableError):
-    """The session's lock could not be had in time (another step holds it)."""
-
     codes = ("session_busy",)
 
 
@@ -390,21 +311,8 @@ class RoundExpiredError(ServiceUnavailableError):
     codes = ("round_expired",)
 
 
-def _all_subclasses(cls: type) -> list[type]:
-    out = []
-    for sub in cls.__subclasses__():
-        out.append(sub)
-        out.extend(_all_subclasses(sub))
-    return out
-
-
-_BY_CODE: dict[str, type[APIStatusError]] = {}
-_BY_STATUS: dict[int, type[APIStatusError]] = {}
-for _cls in _all_subclasses(APIStatusError):
-    for _code in _cls.codes:
-        _BY_CODE.setdefault(_code, _cls)
-    if _cls.status_code is not None and _cls.status_code not in _BY_STATUS:
-        _BY_STATUS[_cls.status_code] = _cls
+for _code, (_status, _) in PROBLEMS.items():  # a spec code without its own class: its
+    _BY_CODE.setdefault(_code, _BY_STATUS.get(_status, APIStatusError))  # status's class
 
 
 def register_code(code: str, cls: type[APIStatusError]) -> None:
@@ -412,22 +320,11 @@ def register_code(code: str, cls: type[APIStatusError]) -> None:
     _BY_CODE[code] = cls
 
 
-def _status_class(status: int) -> type[APIStatusError]:
-    if status in _BY_STATUS:
-        return _BY_STATUS[status]
-    if status >= 500:
-        return InternalServerError
-    return APIStatusError
-
-
 def error_from_response(status: int, body: bytes | bytearray | memoryview,
                         headers: Mapping[str, str], *, method: str = "", url: str = ""
                         ) -> APIStatusError:
-    """The exception for an error response: by problem ``code``, else by status.
-
-    A code registered under another status than the response's (a server quirk) falls back
-    to the status class, so ``e.status`` and the class never disagree.
-    """
+    """The exception for an error response: by problem ``code``, else by status (also for a
+    code whose class has another status: the class and ``e.status`` never disagree)."""
     problem: dict[str, Any] = {}
     try:
         doc = json.loads(bytes(body)) if body else {}
@@ -439,9 +336,14 @@ def error_from_response(status: int, body: bytes | bytearray | memoryview,
     cls = _BY_CODE.get(code) if isinstance(code, str) else None
     if cls is None or (cls.status_code is not None and cls.status_code != status
                        and not (status >= 500 and issubclass(cls, InternalServerError))):
-        cls = _status_class(status)
-    title = problem.get("title") or ""
-    detail = problem.get("detail") or ""
-    text = ": ".join(x for x in (title, detail) if x) or "(no detail)"
+        cls = _BY_STATUS.get(status) or (InternalServerError if status >= 500
+                                         else APIStatusError)
+    text = ": ".join(x for x in (problem.get("title"), problem.get("detail")) if x) \
+        or "(no detail)"
     message = f"{method} {url} -> {status}" + (f" [{code}]" if code else "") + f": {text}"
     return cls(message, status=status, problem=problem, headers=headers, method=method, url=url)
+
+
+__all__ = sorted([_name for _name, _obj in list(globals().items())
+                  if isinstance(_obj, type) and issubclass(_obj, OptserveError)]
+                 + ["error_from_response", "register_code"])

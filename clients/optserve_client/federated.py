@@ -30,9 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._base import ArrayKind, Session, Timeout
+from ._base import round_read_timeout
+from ._codec import ArrayKind, params_of
+from ._results import Session
 from .client import Client
-from .distributed import _params_of
 from .errors import RoundClosedError, RoundFailedError
 
 __all__ = [
@@ -59,8 +60,6 @@ Status = Literal["applied", "late", "failed", "error"]
 #: 0.9. RMSprop's buffer sums where Adam's first moment averages (no 1 - b1 factor), so
 #: lr = 0.01 moves like FedAdam's server lr 0.1, inside the range they found to work.
 SERVER_HYPERPARAMS: dict[str, Any] = {"lr": 0.01, "alpha": 0.99, "eps": 1e-3, "momentum": 0.9}
-
-_ROUND_READ_SLACK_S = 30.0
 
 
 class FederatedServer:
@@ -93,7 +92,7 @@ class FederatedServer:
             hyperparams = {**SERVER_HYPERPARAMS, **hyperparams}
         sync = {"contributions": int(n_clients), "min_contributions": int(min_contributions),
                 "timeout_s": float(timeout_s)}
-        doc = client.create_session(optimizer, hyperparams, _params_of(params), mode="sync",
+        doc = client.create_session(optimizer, hyperparams, params_of(params), mode="sync",
                                     sync=sync, name=name)
         return cls(client, doc)
 
@@ -144,10 +143,7 @@ class FederatedClient:
             raise ValueError(f"session {doc.id} is not in sync mode")
         self.session_id = doc.id
         self.timeout_s = float((doc.sync or {}).get("timeout_s", 60.0))
-        need = self.timeout_s + _ROUND_READ_SLACK_S
-        if client.timeout.read is not None and client.timeout.read < need:
-            client = client.with_options(timeout=Timeout(client.timeout.connect, need))
-        self.client = client
+        self.client = client.with_read_timeout(round_read_timeout(doc.sync))
         self.local_update = local_update
         self.n_examples = int(n_examples)
         self.client_id = client_id or uuid.uuid4().hex[:12]

@@ -15,8 +15,26 @@ from typing import Any
 
 import numpy as np
 
-from ._base import PRESETS, Session
+from ._results import Session
 from .client import Client
+from .spec import PRESETS as _SPEC_PRESETS
+from .spec import TORCH_DEFAULTS
+
+PRESETS: dict[str, dict[str, Any]] = {
+    name: hp for name, (optimizer, hp) in _SPEC_PRESETS.items() if optimizer == "rmsprop"}
+"""The RMSprop presets (`spec.PRESETS`) as name -> hyperparameters, for ``preset=``."""
+
+DOCUMENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Where the RMSprop document's NumPy interface defaults differ from torch's (it writes
+    # RMSprop(learning_rate=0.001, rho=0.9, epsilon=1e-8), AdaGrad(0.01, 1e-8), SGD(0.01)).
+    "rmsprop": {"lr": 1e-3, "alpha": 0.9},
+    "adagrad": {"eps": 1e-8},
+    "sgd": {"lr": 0.01},
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    name: {**TORCH_DEFAULTS[name], **DOCUMENT_DEFAULTS[name]} for name in DOCUMENT_DEFAULTS}
+"""These optimizers' defaults, in the service's names: torch's but for the document's."""
+_ADA, _SGD = DEFAULTS["adagrad"], DEFAULTS["sgd"]
 
 __all__ = ["SGD", "AdaGrad", "RMSprop"]
 
@@ -149,7 +167,7 @@ class RMSprop(_RemoteNumpyOptimizer):
                  api_key: str | None = None, client: Client | None = None,
                  session: str | Session | None = None, name: str | None = None,
                  mode: str = "async") -> None:
-        base: dict[str, Any] = {"lr": 0.001, "alpha": 0.9, "eps": 1e-8}
+        base = dict(DEFAULTS["rmsprop"])
         if preset is not None:
             if preset not in PRESETS:
                 raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -157,9 +175,9 @@ class RMSprop(_RemoteNumpyOptimizer):
         self.learning_rate = float(base["lr"] if learning_rate is None else learning_rate)
         self.rho = float(base["alpha"] if rho is None else rho)
         self.epsilon = float(base["eps"] if epsilon is None else epsilon)
-        self.momentum = float(base.get("momentum", 0.0) if momentum is None else momentum)
-        self.centered = bool(centered)
-        self.weight_decay = float(weight_decay or 0.0)
+        self.momentum = float(base["momentum"] if momentum is None else momentum)
+        self.centered = bool(base["centered"] if centered is None else centered)
+        self.weight_decay = float(base["weight_decay"] if weight_decay is None else weight_decay)
         super().__init__(url=url, api_key=api_key, client=client, session=session, name=name,
                          mode=mode)
 
@@ -175,7 +193,7 @@ class AdaGrad(_RemoteNumpyOptimizer):
     _optimizer = "adagrad"
     _cache_key = "sum"
 
-    def __init__(self, learning_rate: float = 0.01, epsilon: float = 1e-8,
+    def __init__(self, learning_rate: float = _ADA["lr"], epsilon: float = _ADA["eps"],
                  url: str | None = None, *, api_key: str | None = None,
                  client: Client | None = None, session: str | Session | None = None,
                  name: str | None = None, mode: str = "async") -> None:
@@ -194,8 +212,8 @@ class SGD(_RemoteNumpyOptimizer):
     _optimizer = "sgd"
     _cache_key = "momentum_buffer"
 
-    def __init__(self, learning_rate: float = 0.01, url: str | None = None, *,
-                 momentum: float = 0.0, api_key: str | None = None,
+    def __init__(self, learning_rate: float = _SGD["lr"], url: str | None = None, *,
+                 momentum: float = _SGD["momentum"], api_key: str | None = None,
                  client: Client | None = None, session: str | Session | None = None,
                  name: str | None = None, mode: str = "async") -> None:
         self.learning_rate = float(learning_rate)

@@ -1,4 +1,5 @@
-"""Between the service's state export and torch's optimizer ``state_dict``.
+"""Between the service's state export and torch's optimizer ``state_dict``: the one converter,
+used by the SDK's optimizers and re-exported by the server (``optserve.optim``).
 
 The service exports a session (``GET /v1/sessions/{id}/state``) as safetensors tensors
 ``param.<name>`` and ``state.<name>.<key>`` (``step`` 0-dim) plus metadata
@@ -15,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ._base import TORCH_DEFAULTS, Session, _is_torch
+from ._codec import is_torch
+from ._results import Session
 from .errors import PreconditionRequiredError
+from .spec import STATE_KEYS, TORCH_DEFAULTS
 
 __all__ = [
     "export_torch_state_dict",
@@ -28,12 +31,25 @@ __all__ = [
     "to_torch_state_dict",
 ]
 
-# The group keys torch's optimizers add beside the math (their defaults, for a faithful dict).
-TORCH_GROUP_EXTRAS: dict[str, dict[str, Any]] = {
-    "rmsprop": {"capturable": False, "foreach": None, "differentiable": False},
-    "adagrad": {"foreach": None, "differentiable": False, "fused": None},
-    "sgd": {"foreach": None, "differentiable": False, "fused": None},
-}
+TORCH_CLASSES = {"rmsprop": "RMSprop", "adagrad": "Adagrad", "sgd": "SGD"}
+"""``torch.optim``'s class of each optimizer."""
+
+
+def _torch_optimizer(opt: str, hyperparams: Mapping[str, Any], param: Any = None) -> Any:
+    """The installed torch's own optimizer over one tensor (a dummy by default): its group
+    has exactly the keys (foreach, capturable, fused, ...) ``load_state_dict`` expects, and
+    its state is the initial state of an optimizer that builds state up front (Adagrad)."""
+    import torch
+
+    cls = getattr(torch.optim, TORCH_CLASSES[opt])
+    tensor = torch.zeros(0) if param is None else _as_torch(param).detach()
+    return cls([tensor], **{**TORCH_DEFAULTS[opt], **hyperparams})
+
+
+def torch_group(opt: str, hyperparams: Mapping[str, Any]) -> dict[str, Any]:
+    """torch's param_group for these hyperparameters, without ``params``."""
+    group = _torch_optimizer(opt, hyperparams).state_dict()["param_groups"][0]
+    return {k: v for k, v in group.items() if k != "params"}
 
 
 def optimizer_name(opt: Any) -> str:
@@ -74,32 +90,43 @@ def split_state(tensors: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, d
 def _as_torch(value: Any) -> Any:
     import torch
 
-    if _is_torch(value):
+    if is_torch(value):
         return value
     return torch.from_numpy(np.array(value, copy=True))
 
 
 def to_torch_state_dict(tensors: Mapping[str, Any], meta: Mapping[str, Any],
                         names: Sequence[str] | None = None, *, index_offset: int = 0,
-                        param_names: bool = True) -> dict[str, Any]:
+                        param_names: bool = True, params: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]:
     """A service state export as ``torch.optim.<Optimizer>.state_dict()``.
 
     ``names`` fixes the parameter order (torch's indices); default: the export's order.
     Loads with ``torch.optim.RMSprop(params).load_state_dict(...)`` when ``params`` are in
-    that order.
+    that order. State tensors are shared, not copied, as torch's own ``state_dict()`` does.
+    Adagrad builds state for every parameter up front: one without state here gets that
+    initial state, built from its tensor (``param.<name>``, or ``params``).
     """
     opt = optimizer_name(meta.get("optimizer", "rmsprop"))
-    params, per_name = split_state(tensors)
-    order = list(names) if names is not None else list(params)
+    exported, per_name = split_state(tensors)
+    exported.update(params or {})
+    order = list(names) if names is not None else list(exported)
     unknown = set(per_name) - set(order)
     if unknown:
         raise ValueError(f"state for parameters not in names: {sorted(unknown)}")
+    hyperparams = dict(meta.get("hyperparams") or {})
+    eager = bool(_torch_optimizer(opt, hyperparams).state)
     state: dict[int, dict[str, Any]] = {}
     for i, name in enumerate(order):
         if per_name.get(name):
             state[index_offset + i] = {k: _as_torch(v) for k, v in per_name[name].items()}
-    group: dict[str, Any] = {**TORCH_DEFAULTS[opt], **dict(meta.get("hyperparams") or {}),
-                             **TORCH_GROUP_EXTRAS[opt]}
+        elif eager:
+            if name not in exported:
+                raise ValueError(f"{opt}: parameter {name!r} has no state yet; pass "
+                                 "params= so its initial state can be built")
+            init = _torch_optimizer(opt, hyperparams, exported[name]).state_dict()["state"]
+            state[index_offset + i] = dict(init[0])
+    group = torch_group(opt, hyperparams)
     if param_names:
         group["param_names"] = order
     group["params"] = [index_offset + i for i in range(len(order))]
@@ -146,6 +173,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any],
         for idx in g["params"]:
             position[idx] = pos
             pos += 1
+    if len(given) < pos and not isinstance(params, Mapping):
+        raise ValueError(f"state_dict has {pos} parameters, {len(given)} names given")
     tensors: dict[str, Any] = {}
     state = state_dict.get("state", {})
     for gi in chosen:
@@ -156,6 +185,9 @@ def from_torch_state_dict(state_dict: Mapping[str, Any],
             if saved_names is not None:
                 name = saved_names[j]
             elif given_names is not None:
+                if p >= len(given_names):
+                    raise ValueError(f"state_dict has {pos} parameters, "
+                                     f"{len(given_names)} names given")
                 name = given_names[p]
             else:
                 name = str(idx)
@@ -163,24 +195,27 @@ def from_torch_state_dict(state_dict: Mapping[str, Any],
             tensor = params[name] if by_name else given[p]  # type: ignore[index]
             tensors[f"param.{name}"] = _detach(tensor)
             for key, value in (state.get(idx) or state.get(str(idx)) or {}).items():
-                tensors[f"state.{name}.{key}"] = _state_value(key, value, tensor)
-    meta = {"optimizer": opt, "hyperparams": _plain(hps[chosen[0]]), "version": 0}
+                if key not in STATE_KEYS[opt]:
+                    raise ValueError(f"{opt}: unknown state entry {key!r} for {name!r}")
+                if value is not None:  # SGD without momentum keeps momentum_buffer None
+                    tensors[f"state.{name}.{key}"] = _state_value(key, value, tensor)
+    meta = {"optimizer": opt, "hyperparams": plain_hyperparams(hps[chosen[0]]), "version": 0}
     return tensors, meta
 
 
 def _detach(t: Any) -> Any:
-    return t.detach().cpu().contiguous() if _is_torch(t) else np.ascontiguousarray(t)
+    return t.detach().cpu().contiguous() if is_torch(t) else np.ascontiguousarray(t)
 
 
 def _state_value(key: str, value: Any, param: Any) -> Any:
     """torch's load_state_dict casts state to the parameter's dtype, ``step`` to float32."""
     if key == "step":
-        if _is_torch(value):
+        if is_torch(value):
             return value.detach().cpu().to(dtype=_torch_float32()).reshape(())
         return np.asarray(value, dtype=np.float32).reshape(())
-    if _is_torch(value):
+    if is_torch(value):
         out = value.detach().cpu()
-        if _is_torch(param):
+        if is_torch(param):
             out = out.to(dtype=param.dtype)
         return out.contiguous()
     return np.ascontiguousarray(value, dtype=getattr(param, "dtype", None))
@@ -192,11 +227,11 @@ def _torch_float32() -> Any:
     return torch.float32
 
 
-def _plain(hp: Mapping[str, Any]) -> dict[str, Any]:
+def plain_hyperparams(hp: Mapping[str, Any]) -> dict[str, Any]:
     """Hyperparameters as JSON values (a tensor lr becomes a float)."""
     out: dict[str, Any] = {}
     for k, v in hp.items():
-        if _is_torch(v) or isinstance(v, np.generic):
+        if is_torch(v) or isinstance(v, np.generic):
             v = v.item()
         out[k] = v
     return out

@@ -16,16 +16,25 @@ from typing import Any
 
 import torch
 
-from ._base import TORCH_DEFAULTS, Format, Session, Timeout
+from ._base import round_read_timeout
+from ._codec import dense_grad
+from ._requests import Format
+from ._results import Session
+from ._transport import Timeout
 from .client import Client
 from .errors import StaleGradientError
-from .state import TORCH_GROUP_EXTRAS, from_torch_state_dict, to_torch_state_dict
+from .spec import KERNEL_OPTIONS, TORCH_DEFAULTS
+from .state import (
+    from_torch_state_dict,
+    plain_hyperparams,
+    to_torch_state_dict,
+    torch_group,
+)
 
 __all__ = ["RemoteAdagrad", "RemoteOptimizer", "RemoteRMSprop", "RemoteSGD"]
 
-# torch options that only pick a local kernel; accepted (so a swapped-in call still works)
-# and ignored: the service runs its own kernels.
-_KERNEL_OPTIONS = ("foreach", "capturable", "differentiable", "fused")
+_RMS, _ADA, _SGD = (TORCH_DEFAULTS[n] for n in ("rmsprop", "adagrad", "sgd"))
+
 
 
 @dataclass
@@ -35,13 +44,6 @@ class _GroupSession:
     version: int
     hyperparams: dict[str, Any] = field(default_factory=dict)  # as last sent or seen
     created: bool = False
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-able hyperparameter value (LR schedulers may store tensors)."""
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    return value
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -70,7 +72,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         optimizer = optimizer.lower()
         if optimizer not in TORCH_DEFAULTS:
             raise ValueError(f"optimizer must be one of {sorted(TORCH_DEFAULTS)}")
-        for opt in _KERNEL_OPTIONS:
+        for opt in KERNEL_OPTIONS:  # accepted (a swapped-in call still works), ignored
             hyperparams.pop(opt, None)
         unknown = set(hyperparams) - set(TORCH_DEFAULTS[optimizer])
         if unknown:
@@ -126,7 +128,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _hyperparams(self, gi: int) -> dict[str, Any]:
         group = self.param_groups[gi]
-        return {k: _plain(group[k]) for k in self._hp_keys}
+        return plain_hyperparams({k: group[k] for k in self._hp_keys})  # LR schedulers: tensors
 
     def _ensure(self, gi: int, attach: str | Session | None = None) -> _GroupSession:
         """The group's session, created (or attached to) on first use."""
@@ -173,10 +175,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """A sync-mode step waits for its round: read for longer than the round may last."""
         if doc.mode != "sync" or not doc.sync:
             return
-        need = float(doc.sync.get("timeout_s", 60.0)) + 30.0
-        current = self._client.timeout
-        if current.read is not None and current.read < need:
-            self._client = self._client.with_options(timeout=Timeout(current.connect, need))
+        self._client = self._client.with_read_timeout(round_read_timeout(doc.sync))
 
     @torch.no_grad()
     def _pull(self, gi: int) -> None:
@@ -223,9 +222,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for name, p in zip(gs.names, group["params"], strict=True):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("optserve does not take sparse gradients")
-                grads[name] = p.grad
+                grads[name] = dense_grad(p.grad)
             if not grads:
                 continue
             self._push_hyperparams(gi)
@@ -258,7 +255,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 state[idx] = {k: (v if k == "step" else v.to(p.device, copy=True))
                               for k, v in entry.items()}
             packed = {k: v for k, v in group.items() if k != "params"}
-            for k, v in TORCH_GROUP_EXTRAS[self._optserve_optimizer].items():
+            for k, v in torch_group(self._optserve_optimizer, {}).items():
                 packed.setdefault(k, v)
             packed["params"] = sd["param_groups"][0]["params"]
             groups.append(packed)
@@ -320,9 +317,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
 class RemoteRMSprop(RemoteOptimizer):
     """``torch.optim.RMSprop`` with the state and update in the service."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-2, alpha: float = 0.99,
-                 eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
-                 centered: bool = False, maximize: bool = False, *, url: str | None = None,
+    def __init__(self, params: Iterable[Any], lr: float = _RMS["lr"],
+                 alpha: float = _RMS["alpha"], eps: float = _RMS["eps"],
+                 weight_decay: float = _RMS["weight_decay"], momentum: float = _RMS["momentum"],
+                 centered: bool = _RMS["centered"], maximize: bool = _RMS["maximize"], *,
+                 url: str | None = None,
                  session: str | Session | Sequence[str | Session] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(params, "rmsprop", url=url, session=session, lr=lr, alpha=alpha,
@@ -333,9 +332,11 @@ class RemoteRMSprop(RemoteOptimizer):
 class RemoteAdagrad(RemoteOptimizer):
     """``torch.optim.Adagrad`` with the state and update in the service."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-2, lr_decay: float = 0,
-                 weight_decay: float = 0, initial_accumulator_value: float = 0,
-                 eps: float = 1e-10, maximize: bool = False, *, url: str | None = None,
+    def __init__(self, params: Iterable[Any], lr: float = _ADA["lr"],
+                 lr_decay: float = _ADA["lr_decay"], weight_decay: float = _ADA["weight_decay"],
+                 initial_accumulator_value: float = _ADA["initial_accumulator_value"],
+                 eps: float = _ADA["eps"], maximize: bool = _ADA["maximize"], *,
+                 url: str | None = None,
                  session: str | Session | Sequence[str | Session] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(params, "adagrad", url=url, session=session, lr=lr,
@@ -347,9 +348,10 @@ class RemoteAdagrad(RemoteOptimizer):
 class RemoteSGD(RemoteOptimizer):
     """``torch.optim.SGD`` with the state and update in the service."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0,
-                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False,
-                 maximize: bool = False, *, url: str | None = None,
+    def __init__(self, params: Iterable[Any], lr: float = _SGD["lr"],
+                 momentum: float = _SGD["momentum"], dampening: float = _SGD["dampening"],
+                 weight_decay: float = _SGD["weight_decay"], nesterov: bool = _SGD["nesterov"],
+                 maximize: bool = _SGD["maximize"], *, url: str | None = None,
                  session: str | Session | Sequence[str | Session] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(params, "sgd", url=url, session=session, lr=lr, momentum=momentum,

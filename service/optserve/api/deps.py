@@ -16,6 +16,7 @@ from optserve_client import wire
 from ..engine import Engine
 from ..settings import Settings
 from ..store.redis_store import Store
+from .negotiation import negotiate
 from .problems import Problem
 
 DEFAULT_TENANT = "default"
@@ -76,7 +77,7 @@ def content_type(request: Request, allowed: tuple[str, ...]) -> str:
 
 def accept(request: Request, default: str, allowed: tuple[str, ...] = wire.TENSOR_TYPES) -> str:
     """406 unless the Accept header names a format we can produce."""
-    chosen = wire.negotiate(request.headers.get("accept"), default)
+    chosen = negotiate(request.headers.get("accept"), default)
     if chosen is None or chosen not in allowed:
         raise Problem(406, "not_acceptable",
                       f"cannot produce any of {request.headers.get('accept')!r}; available: "

@@ -10,6 +10,9 @@ path is a ``torch.compile``d one-pass update (see :mod:`optserve.optim.fused`).
 
 from __future__ import annotations
 
+# torch state_dict <-> the service's state export: one converter, the SDK's.
+from optserve_client.state import from_torch_state_dict, to_torch_state_dict
+
 from .base import OptimizerDef, ParamState
 from .core import (
     GRAD_DTYPES,
@@ -28,7 +31,6 @@ from .hyperparams import (
     RMSpropHyperparams,
     SGDHyperparams,
 )
-from .torch_compat import from_torch_state_dict, to_torch_state_dict
 
 __all__ = [
     "GRAD_DTYPES",

@@ -13,6 +13,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from optserve_client import spec
+
+_RMS, _ADA, _SGD = (spec.TORCH_DEFAULTS[n] for n in ("rmsprop", "adagrad", "sgd"))
+
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 """A finite float >= 0 (lr, eps, weight_decay, momentum, lr_decay, ...)."""
 
@@ -33,35 +37,35 @@ class Hyperparams(BaseModel):
 class RMSpropHyperparams(Hyperparams):
     """``torch.optim.RMSprop`` hyperparameters (lr=0.01, alpha=0.99, eps=1e-8, ...)."""
 
-    lr: NonNegFloat = 1e-2
-    alpha: Alpha = 0.99
-    eps: NonNegFloat = 1e-8
-    weight_decay: NonNegFloat = 0.0
-    momentum: NonNegFloat = 0.0
-    centered: bool = False
-    maximize: bool = False
+    lr: NonNegFloat = _RMS["lr"]
+    alpha: Alpha = _RMS["alpha"]
+    eps: NonNegFloat = _RMS["eps"]
+    weight_decay: NonNegFloat = _RMS["weight_decay"]
+    momentum: NonNegFloat = _RMS["momentum"]
+    centered: bool = _RMS["centered"]
+    maximize: bool = _RMS["maximize"]
 
 
 class AdagradHyperparams(Hyperparams):
     """``torch.optim.Adagrad`` hyperparameters (lr=0.01, eps=1e-10, ...)."""
 
-    lr: NonNegFloat = 1e-2
-    lr_decay: NonNegFloat = 0.0
-    weight_decay: NonNegFloat = 0.0
-    initial_accumulator_value: NonNegFloat = 0.0
-    eps: NonNegFloat = 1e-10
-    maximize: bool = False
+    lr: NonNegFloat = _ADA["lr"]
+    lr_decay: NonNegFloat = _ADA["lr_decay"]
+    weight_decay: NonNegFloat = _ADA["weight_decay"]
+    initial_accumulator_value: NonNegFloat = _ADA["initial_accumulator_value"]
+    eps: NonNegFloat = _ADA["eps"]
+    maximize: bool = _ADA["maximize"]
 
 
 class SGDHyperparams(Hyperparams):
     """``torch.optim.SGD`` hyperparameters (lr=0.001 as of torch 2.x, ...)."""
 
-    lr: NonNegFloat = 1e-3
-    momentum: NonNegFloat = 0.0
-    dampening: NonNegFloat = 0.0
-    weight_decay: NonNegFloat = 0.0
-    nesterov: bool = False
-    maximize: bool = False
+    lr: NonNegFloat = _SGD["lr"]
+    momentum: NonNegFloat = _SGD["momentum"]
+    dampening: NonNegFloat = _SGD["dampening"]
+    weight_decay: NonNegFloat = _SGD["weight_decay"]
+    nesterov: bool = _SGD["nesterov"]
+    maximize: bool = _SGD["maximize"]
 
     @field_validator("nesterov")
     @classmethod
@@ -77,9 +81,5 @@ class SGDHyperparams(Hyperparams):
         return v
 
 
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "standard": ("rmsprop", {"lr": 1e-3, "alpha": 0.99}),
-    "rnn": ("rmsprop", {"lr": 1e-4, "alpha": 0.9}),
-    "momentum": ("rmsprop", {"lr": 1e-3, "alpha": 0.99, "momentum": 0.9}),
-}
+PRESETS = spec.PRESETS
 """The RMSprop document's "common configurations": name -> (optimizer, hyperparams)."""
