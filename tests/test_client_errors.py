@@ -10,6 +10,7 @@ import pytest
 
 import optserve_client as oc
 from optserve_client.errors import error_from_response
+from optserve_client.spec import status_of
 
 SERVICE = Path(__file__).resolve().parent.parent / "service" / "optserve"
 
@@ -61,12 +62,14 @@ def test_each_code_has_its_class(status: int, code: str, cls: type) -> None:
 
 
 def test_every_code_the_server_emits_is_mapped() -> None:
-    """Guards against drift: each literal Problem(status, "code") in the service."""
+    """Guards against drift: each literal DomainError("code") / Problem("code") in the
+    service, with the status the service's edge gives it (spec.PROBLEMS)."""
     if not SERVICE.exists():
         pytest.skip("no service source here")
     found = set()
     for path in SERVICE.rglob("*.py"):
-        found |= set(re.findall(r'Problem\(\s*(\d{3}),\s*"([a-z_]+)"', path.read_text()))
+        for code in re.findall(r'(?:DomainError|Problem)\(\s*"([a-z_]+)"', path.read_text()):
+            found.add((str(status_of(code)), code))
     assert found
     for status, code in sorted(found):
         e = err(int(status), code)
