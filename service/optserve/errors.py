@@ -49,7 +49,3 @@ class SessionBusy(Busy):
 class StoreConflict(Busy):
     """The version moved under a commit (a lock expired mid-step): nothing was written."""
 
-
-def session_gone(sid: str) -> DomainError:
-    """The session was deleted while a request for it waited."""
-    return DomainError("session_not_found", f"session {sid} was deleted")
