@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,8 +15,9 @@ from .api import ops, problems, sessions, tensors
 from .engine import Engine
 from .metrics import BYTES_IN, BYTES_OUT, LATENCY, REQUESTS
 from .rounds import SyncRounds
+from .sessions import Sessions
 from .settings import Settings
-from .store.redis_store import SessionBusy, Store, StoreConflict, make_redis
+from .store.redis_store import Store, make_redis
 
 log = logging.getLogger("optserve")
 
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.engine = Engine(store, settings)
         app.state.sync_rounds = SyncRounds(app.state.engine)
+        app.state.sessions = Sessions(app.state.engine)
         try:
             yield
         finally:
@@ -94,15 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="RMSprop, AdaGrad and SGD as a service, exactly as torch.optim computes them.",
         lifespan=lifespan,
     )
-    problems.install(app)
-
-    async def _busy(request: Any, exc: Exception) -> Any:
-        """The session's lock stayed taken, or its version moved under a commit: retry."""
-        return problems.Problem(503, "session_busy", f"{exc}; nothing was applied, retry",
-                                headers={"Retry-After": "1"}).response(request.url.path)
-
-    app.add_exception_handler(SessionBusy, _busy)
-    app.add_exception_handler(StoreConflict, _busy)
+    problems.install(app)  # domain errors (SessionBusy, StoreConflict, ...) included
     app.include_router(ops.router)
     app.include_router(sessions.router)
     app.include_router(tensors.router)

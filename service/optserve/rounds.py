@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,23 +24,18 @@ from redis.asyncio import Redis
 
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
-from .api.problems import Problem
-from .engine import (
-    Engine,
-    Loaded,
-    StepOutcome,
-    check_finite_as_params,
-    check_tensors,
-    check_version,
-    locked_session,
-)
+from .cache import Loaded
+from .checks import check_finite_as_params, check_tensors, check_version, locked_session
+from .engine import Encoder, Engine, StepOutcome
+from .errors import Busy, DomainError
+from .session import SessionMeta
 from .store import keys
-from .store.redis_store import SessionBusy, StepTxn, StoreConflict
+from .store import rounds as stored
+from .store.redis_store import StepTxn
+from .store.rounds import Contribution, RoundHead
 from .tensors import DTYPES, from_bytes, to_bytes
 
 log = logging.getLogger("optserve")
-
-Encoder = Callable[[Mapping[str, Any]], list[bytes | memoryview]]
 
 
 class RoundNotifier:
@@ -98,247 +93,167 @@ class SyncRounds:
         self.redis = engine.store.redis
         self.notifier = RoundNotifier(self.redis)
 
-    def _ttl(self, meta: Mapping[str, Any]) -> int:
-        return int(max(300, 2 * meta["sync"]["timeout_s"] + 60))
-
-    async def contribute(self, meta: dict[str, Any], grads: dict[str, WireTensor], *,
+    async def contribute(self, meta: SessionMeta, grads: dict[str, WireTensor], *,
                          idempotency_key: str | None, base_version: int | None,
                          if_match: int | None, weight: float,
-                         encode: Encoder | None, bad_header: Problem | None = None
+                         encode: Encoder | None, bad_header: DomainError | None = None
                          ) -> StepOutcome:
-        sid = meta["id"]
+        """Add one contribution to the round for its version; the last one closes it."""
+        sid = meta.id
         if idempotency_key is not None:
-            replay = await self.engine._replay(meta, idempotency_key, encode)
+            replay = await self.engine.replay(meta, idempotency_key, encode)
             if replay is not None:
                 return replay
         # Field names must not depend on what clients put in keys (tensor names hold dots).
         cid = (hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
                if idempotency_key is not None else secrets.token_hex(16))
-        # SessionBusy / StoreConflict become 503 session_busy in the app's handlers.
         for _ in range(3):  # at most: settle an expired round, then join the next one
             async with self.store.step_txn(sid) as txn:
                 meta, version = self._checks(txn, base_version, if_match)
-                if bad_header is not None:  # a 422, after the 412/409 checks
+                assert meta.sync is not None
+                if bad_header is not None:  # an invalid header, after the version checks
                     raise bad_header
                 if idempotency_key is not None and await txn.call(
                         "EXISTS", keys.idempotency(sid, idempotency_key)):
                     await txn.finish()  # the round closed while we waited for the lock
-                    replay = await self.engine._replay(meta, idempotency_key, encode)
+                    replay = await self.engine.replay(meta, idempotency_key, encode)
                     if replay is not None:
                         return replay
                     continue
-                check_tensors(meta["tensors"], grads, what="gradient", require_all=False,
+                check_tensors(meta.tensors, grads, what="gradient", require_all=False,
                               dtypes=FLOAT_DTYPES)
-                check_finite_as_params(grads, meta["tensors"])
-                head = await self._round_head(txn, cid)
-                if head is not None and head["v"] == version and head["deadline"] <= time.time():
+                check_finite_as_params(grads, meta.tensors)
+                head = await stored.read_head(txn, cid)
+                if head is not None and head.v == version and head.deadline <= time.time():
                     # An expired round nobody settled: settle it, then join the next one.
                     outcome = await self._settle(txn, meta, version, head, None)
                     if outcome is not None:
-                        raise Problem(409, "round_closed", f"the round for version {version} "
-                                      "closed at its deadline; pull the new parameters",
-                                      current_version=outcome.version)
+                        raise DomainError("round_closed", f"the round for version {version} "
+                                          "closed at its deadline; pull the new parameters",
+                                          current_version=outcome.version)
                     continue
                 cmds: list[Any] = []
-                if head is not None and head["v"] != version:
+                if head is not None and head.v != version:
                     # Left over from before the parameters were replaced: its waiters fail.
-                    cmds += self._fail_cmds(meta, head["token"], head["v"], head["n"],
-                                            "superseded")
+                    cmds += stored.fail_cmds(meta, head.token, head.v, head.n, "superseded")
                     head = None
                 if head is None:
-                    head = {"token": secrets.token_hex(12), "v": version, "n": 0,
-                            "deadline": time.time() + meta["sync"]["timeout_s"],
-                            "mine": False, "new": True}
-                token = head["token"]
+                    head = RoundHead.open(version, meta.sync.timeout_s)
+                token = head.token
+                mine = Contribution(weight, idempotency_key, grads)
                 fut = self.notifier.future(token)
                 try:
-                    if head["mine"]:  # a retry of a contribution already in this round
+                    if head.mine:  # a retry of a contribution already in this round
                         await txn.finish()
-                    elif head["n"] + 1 >= meta["sync"]["contributions"]:
-                        mine = {"weight": weight, "grads": grads, "idem": idempotency_key}
+                    elif head.n + 1 >= meta.sync.contributions:
                         self.notifier.forget(token, fut)  # the closer waits for nobody
                         return await self._close(txn, meta, version, token, encode,
                                                  pending=(cid, mine), before=cmds)
                     else:
-                        cmds += self._add_cmds(sid, head, cid, weight, grads, idempotency_key,
-                                               meta)
-                        await txn.execute(cmds)
+                        await txn.execute([*cmds, *stored.add_cmds(meta, head, cid, mine)])
                 except BaseException:
                     self.notifier.forget(token, fut)
                     raise
-            return await self._wait(meta, token, head["deadline"], fut, encode)
-        raise Problem(503, "session_busy", "the session's round kept changing; retry",
-                      headers={"Retry-After": "1"})
+            return await self._wait(meta, token, head.deadline, fut, encode)
+        raise DomainError("session_busy", "the session's round kept changing; retry",
+                          retry_after=1)
 
     def _checks(self, txn: StepTxn, base_version: int | None, if_match: int | None
-                ) -> tuple[dict[str, Any], int]:
-        meta, stored = locked_session(txn)
-        version = check_version(stored, if_match)
+                ) -> tuple[SessionMeta, int]:
+        meta, stored_version = locked_session(txn)
+        version = check_version(stored_version, if_match)
         target = version if base_version is None else base_version
         if target > version:
-            raise Problem(409, "future_version", f"round {target} is ahead of the session's "
-                          f"version {version}", current_version=version)
+            raise DomainError("future_version", f"round {target} is ahead of the session's "
+                              f"version {version}", current_version=version)
         if target < version:
-            raise Problem(409, "round_closed", f"the round for version {target} is closed; "
-                          f"the session is at {version}", current_version=version)
+            raise DomainError("round_closed", f"the round for version {target} is closed; "
+                              f"the session is at {version}", current_version=version)
         return meta, version
 
-    async def _round_head(self, txn: StepTxn, cid: str) -> dict[str, Any] | None:
-        token, v, deadline, n, mine = await txn.call(
-            "HMGET", keys.round_(txn.sid), "token", "v", "deadline", "n", f"w.{cid}")
-        if token is None:
-            return None
-        return {"token": token.decode(), "v": int(v), "deadline": float(deadline),
-                "n": int(n or 0), "mine": mine is not None, "new": False}
-
-    def _add_cmds(self, sid: str, head: Mapping[str, Any], cid: str, weight: float,
-                  grads: Mapping[str, WireTensor], idem: str | None,
-                  meta: Mapping[str, Any]) -> list[Any]:
-        rkey = keys.round_(sid)
-        info = {"weight": weight, "idem": idem,
-                "dtypes": {n: g.dtype for n, g in grads.items()}}
-        fields: list[Any] = [f"w.{cid}", json.dumps(info)]
-        for name, g in grads.items():
-            fields += [f"g.{cid}.{name}", g.data]
-        if head["new"]:
-            fields += ["token", head["token"], "v", str(head["v"]),
-                       "deadline", repr(head["deadline"])]
-        return [("HSET", rkey, *fields), ("HINCRBY", rkey, "n", 1),
-                ("EXPIRE", rkey, self._ttl(meta))]
-
-    async def _contributions(self, txn: StepTxn, meta: Mapping[str, Any]
-                             ) -> dict[str, dict[str, Any]]:
-        raw = await txn.call("HGETALL", keys.round_(txn.sid))
-        out: dict[str, dict[str, Any]] = {}
-        declared = meta["tensors"]
-        for f, v in raw.items():
-            field = f.decode()
-            if field.startswith("w."):
-                info = json.loads(v)
-                out.setdefault(field[2:], {"grads": {}}).update(
-                    weight=info["weight"], idem=info["idem"], dtypes=info["dtypes"])
-        for f, v in raw.items():
-            field = f.decode()
-            if field.startswith("g."):
-                cid, _, name = field[2:].partition(".")  # cids are hex: the first dot splits
-                c = out.get(cid)
-                if c is None or name not in declared:
-                    continue
-                c["grads"][name] = WireTensor(c["dtypes"][name], tuple(declared[name]["shape"]),
-                                              memoryview(v))
-        return out
-
-    def _mean(self, meta: Mapping[str, Any], contributions: Mapping[str, Mapping[str, Any]]
+    def _mean(self, meta: SessionMeta, contributions: Mapping[str, Contribution]
               ) -> dict[str, torch.Tensor]:
         """Weighted mean per tensor, over the contributions that carry it (float64 sums)."""
         out: dict[str, torch.Tensor] = {}
-        for name, spec in meta["tensors"].items():
+        for name, spec in meta.tensors.items():
             acc: torch.Tensor | None = None
             total = 0.0
             for cid in sorted(contributions):
                 c = contributions[cid]
-                g = c["grads"].get(name)
+                g = c.grads.get(name)
                 if g is None:
                     continue
                 t = from_bytes(g.data, g.dtype, g.shape, writable=False).to(torch.float64)
-                acc = t * c["weight"] if acc is None else acc.add_(t, alpha=c["weight"])
-                total += c["weight"]
+                acc = t * c.weight if acc is None else acc.add_(t, alpha=c.weight)
+                total += c.weight
             if acc is not None:
-                out[name] = (acc / total).to(DTYPES[spec["dtype"]])
+                out[name] = (acc / total).to(DTYPES[spec.dtype])
         return out
 
-    async def _close(self, txn: StepTxn, meta: dict[str, Any], version: int, token: str,
+    async def _close(self, txn: StepTxn, meta: SessionMeta, version: int, token: str,
                      encode: Encoder | None,
-                     pending: tuple[str, dict[str, Any]] | None = None,
+                     pending: tuple[str, Contribution] | None = None,
                      before: list[Any] | None = None) -> StepOutcome:
-        sid = meta["id"]
-        contributions = {} if before else await self._contributions(txn, meta)
+        contributions = {} if before else await stored.read_contributions(txn, meta)
         if pending is not None:
             contributions[pending[0]] = pending[1]
         grads = self._mean(meta, contributions)
-        idem_keys = [c["idem"] for c in contributions.values() if c["idem"]]
-        ttl = self._ttl(meta)
+        idem_keys = [c.idem for c in contributions.values() if c.idem]
 
         def extra(loaded: Loaded) -> list[Any]:
-            outcome = json.dumps({"status": "closed", "version": loaded.version})
-            params: list[Any] = []
-            for n, t in loaded.params.items():
-                params += [keys.param_field(n), to_bytes(t)]
-            return [
-                *(before or []),
-                ("DEL", keys.round_(sid)),
-                ("SET", keys.round_outcome(sid, token), outcome, "EX", ttl),
-                ("HSET", keys.round_params(sid, token), *params),
-                ("EXPIRE", keys.round_params(sid, token), ttl),
-                ("PUBLISH", keys.ROUNDS_CHANNEL, json.dumps({"sid": sid, "token": token})),
-            ]
+            params = {n: to_bytes(t) for n, t in loaded.params.items()}
+            return [*(before or []), *stored.close_cmds(meta, token, loaded.version, params)]
 
         try:
-            return await self.engine._step_locked(txn, meta, version, grads, None, encode,
-                                                  extra_idempotency_keys=idem_keys, extra=extra)
-        except Problem as exc:
+            return await self.engine.step_locked(txn, meta, version, grads, None, encode,
+                                                 extra_idempotency_keys=idem_keys, extra=extra)
+        except Busy:
+            raise
+        except DomainError as exc:
             # Whatever makes the round's step unusable fails the round for all its waiters,
             # rather than leaving it to be retried (and refused) forever.
             if not txn.done:
-                await txn.execute([*(before or []), *self._fail_cmds(
+                await txn.execute([*(before or []), *stored.fail_cmds(
                     meta, token, version, len(contributions), exc.code)])
             raise
 
-    def _fail_cmds(self, meta: Mapping[str, Any], token: str, version: int, received: int,
-                   reason: str) -> list[Any]:
-        """End a round without a step: its waiters read this outcome and get 409."""
-        sid = meta["id"]
-        outcome = json.dumps({"status": "failed", "version": version, "received": received,
-                              "reason": reason})
-        return [
-            ("DEL", keys.round_(sid)),
-            ("SET", keys.round_outcome(sid, token), outcome, "EX", self._ttl(meta)),
-            ("PUBLISH", keys.ROUNDS_CHANNEL, json.dumps({"sid": sid, "token": token})),
-        ]
-
-    async def abandon_cmds(self, txn: StepTxn, meta: Mapping[str, Any]) -> list[Any]:
-        """For PUT params/state: the open round (if any) fails, its gradients were computed
-        on parameters that are being replaced."""
-        if meta.get("mode") != "sync":
-            return []
-        head = await self._round_head(txn, "-")
-        if head is None:
-            return []
-        return self._fail_cmds(meta, head["token"], head["v"], head["n"], "superseded")
-
-    async def _settle(self, txn: StepTxn, meta: dict[str, Any], version: int,
-                      head: Mapping[str, Any], encode: Encoder | None) -> StepOutcome | None:
+    async def _settle(self, txn: StepTxn, meta: SessionMeta, version: int,
+                      head: RoundHead, encode: Encoder | None) -> StepOutcome | None:
         """At the deadline: step with what arrived (if enough), else fail the round."""
-        if head["n"] >= meta["sync"]["min_contributions"]:
-            with contextlib.suppress(Problem):  # a non-finite result fails the round
-                return await self._close(txn, meta, version, head["token"], encode)
-            return None
-        await txn.execute(self._fail_cmds(meta, head["token"], version, head["n"],
-                                          "too_few_contributions"))
+        assert meta.sync is not None
+        if head.n >= meta.sync.min_contributions:
+            try:
+                return await self._close(txn, meta, version, head.token, encode)
+            except Busy:
+                raise
+            except DomainError:  # a non-finite result fails the round
+                return None
+        await txn.execute(stored.fail_cmds(meta, head.token, version, head.n,
+                                           "too_few_contributions"))
         return None
 
-    async def _wait(self, meta: dict[str, Any], token: str, deadline: float,
+    async def _wait(self, meta: SessionMeta, token: str, deadline: float,
                     fut: asyncio.Future[None], encode: Encoder | None) -> StepOutcome:
-        sid = meta["id"]
+        sid = meta.id
         # However a round ends, its waiters end too: by its outcome, by settling it at its
-        # deadline, or (the round vanished with no outcome: session deleted) with a 409.
+        # deadline, or (the round vanished with no outcome: session deleted) a refusal.
         hard_stop = deadline + self.store.lock_timeout_s + 30
         try:
             while True:
-                raw = await self.redis.get(keys.round_outcome(sid, token))
-                if raw is not None:
-                    return await self._outcome(meta, token, json.loads(raw), encode)
+                outcome = await stored.read_outcome(self.redis, sid, token)
+                if outcome is not None:
+                    return await self._outcome(meta, token, outcome, encode)
                 now = time.time()
                 remaining = deadline - now
                 if remaining <= 0:
                     if now > hard_stop or await self._expire(meta, token) == "gone":
-                        raw = await self.redis.get(keys.round_outcome(sid, token))
-                        if raw is not None:
-                            return await self._outcome(meta, token, json.loads(raw), encode)
-                        raise Problem(409, "round_failed", "the round was abandoned (its "
-                                      "session was deleted or its parameters replaced); "
-                                      "nothing was applied", current_version=None,
-                                      reason="abandoned")
+                        outcome = await stored.read_outcome(self.redis, sid, token)
+                        if outcome is not None:
+                            return await self._outcome(meta, token, outcome, encode)
+                        raise DomainError("round_failed", "the round was abandoned (its "
+                                          "session was deleted or its parameters replaced); "
+                                          "nothing was applied", current_version=None,
+                                          reason="abandoned")
                     deadline = now + 1.0  # then read the outcome the settling wrote
                     continue
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -346,42 +261,37 @@ class SyncRounds:
         finally:
             self.notifier.forget(token, fut)
 
-    async def _expire(self, meta: dict[str, Any], token: str) -> str:
+    async def _expire(self, meta: SessionMeta, token: str) -> str:
         """Settle the round at its deadline: "settled" (here or elsewhere) or "gone"."""
-        sid = meta["id"]
         try:
-            async with self.store.step_txn(sid) as txn:
-                head = await self._round_head(txn, "-")
-                if head is None or head["token"] != token or txn.version is None \
+            async with self.store.step_txn(meta.id) as txn:
+                head = await stored.read_head(txn, "-")
+                if head is None or head.token != token or txn.version is None \
                         or txn.meta is None:
                     return "gone"  # settled by someone else (outcome written) or vanished
                 await self._settle(txn, txn.meta, txn.version, head, None)
                 return "settled"
-        except (SessionBusy, StoreConflict):
+        except Busy:
             return "settled"  # another process holds it; its outcome will be read
 
-    async def _outcome(self, meta: Mapping[str, Any], token: str, outcome: Mapping[str, Any],
+    async def _outcome(self, meta: SessionMeta, token: str, outcome: Mapping[str, Any],
                        encode: Encoder | None) -> StepOutcome:
+        assert meta.sync is not None
         if outcome["status"] == "failed" and outcome.get("reason") == "non_finite_result":
-            raise Problem(409, "round_failed", "the round's averaged step would make parameters "
-                          "NaN or infinite; nothing was applied",
-                          current_version=outcome["version"], reason="non_finite_result")
+            raise DomainError("round_failed", "the round's averaged step would make parameters "
+                              "NaN or infinite; nothing was applied",
+                              current_version=outcome["version"], reason="non_finite_result")
         if outcome["status"] == "failed":
-            raise Problem(409, "round_failed", f"the round for version {outcome['version']} "
-                          f"timed out with {outcome.get('received', 0)} contribution(s), fewer "
-                          f"than min_contributions={meta['sync']['min_contributions']}; "
-                          "nothing was applied", current_version=outcome["version"])
+            raise DomainError("round_failed", f"the round for version {outcome['version']} "
+                              f"timed out with {outcome.get('received', 0)} contribution(s), "
+                              f"fewer than min_contributions={meta.sync.min_contributions}; "
+                              "nothing was applied", current_version=outcome["version"])
         version = int(outcome["version"])
         body = None
         if encode is not None:
-            raw = await self.redis.hgetall(keys.round_params(meta["id"], token))
-            declared = meta["tensors"]
-            tensors = {}
-            for n, spec in declared.items():
-                data = raw.get(keys.param_field(n).encode())
-                if data is None:
-                    raise Problem(503, "round_expired", "the round's parameters expired; GET "
-                                  "the session's params", headers={"Retry-After": "0"})
-                tensors[n] = WireTensor(spec["dtype"], tuple(spec["shape"]), memoryview(data))
+            tensors = await stored.read_params(self.redis, meta, token)
+            if tensors is None:
+                raise DomainError("round_expired", "the round's parameters expired; GET "
+                                  "the session's params", retry_after=0)
             body = encode(tensors)
         return StepOutcome(version, body)

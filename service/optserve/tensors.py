@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -49,7 +47,3 @@ def to_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
-
-def describe(tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """{name: {dtype, shape}} of wire tensors, as the session document lists them."""
-    return {n: {"dtype": t.dtype, "shape": list(t.shape)} for n, t in tensors.items()}

@@ -1,19 +1,25 @@
 """Request dependencies and the checks every tensor route makes, in the API's error order.
 
 Order (API.md): 401, 404, 415, 406, 413, 400, 428, 412, 409, 422. Auth and the session
-lookup are FastAPI dependencies; the rest are called by the routes in that order.
+lookup are FastAPI dependencies (the ``...Dep`` aliases below); the rest are called by the
+routes in that order, and the operations below ``api/`` do the 428/412/409/422 checks.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
 from optserve_client import wire
 
+from ..checks import IfMatch
 from ..engine import Engine
+from ..errors import DomainError
+from ..rounds import SyncRounds
+from ..session import SessionMeta
+from ..sessions import Sessions
 from ..settings import Settings
 from ..store.redis_store import Store
 from .negotiation import negotiate
@@ -40,36 +46,56 @@ async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-async def tenant(request: Request, settings: Settings = Depends(get_settings)) -> str:
+async def get_rounds(request: Request) -> SyncRounds:
+    return request.app.state.sync_rounds
+
+
+async def get_sessions(request: Request) -> Sessions:
+    return request.app.state.sessions
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+RoundsDep = Annotated[SyncRounds, Depends(get_rounds)]
+SessionsDep = Annotated[Sessions, Depends(get_sessions)]
+
+
+async def tenant(request: Request, settings: SettingsDep) -> str:
     """The caller's tenant: from its bearer key, or the single open tenant with no keys set."""
     if not settings.keys:
         return DEFAULT_TENANT
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise Problem(401, "unauthorized", "send `Authorization: Bearer <api-key>`",
+        raise Problem("unauthorized", "send `Authorization: Bearer <api-key>`",
                       headers={"WWW-Authenticate": "Bearer"})
     found = settings.tenant_for(key.strip())
     if found is None:
-        raise Problem(401, "unauthorized", "unknown API key",
+        raise Problem("unauthorized", "unknown API key",
                       headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     return found
 
 
-async def session_meta(session_id: str, tenant: str = Depends(tenant),
-                       store: Store = Depends(get_store)) -> dict[str, Any]:
+TenantDep = Annotated[str, Depends(tenant)]
+
+
+async def session_meta(session_id: str, tenant: TenantDep, store: StoreDep) -> SessionMeta:
     """The session document as stored; another tenant's session is as unknown as none."""
     meta = await store.get_meta(session_id) if len(session_id) <= 64 else None
-    if meta is None or meta.get("tenant") != tenant:
-        raise Problem(404, "session_not_found", f"no session {session_id!r}")
+    if meta is None or meta.tenant != tenant:
+        raise DomainError("session_not_found", f"no session {session_id!r}")
     return meta
+
+
+SessionDep = Annotated[SessionMeta, Depends(session_meta)]
 
 
 def content_type(request: Request, allowed: tuple[str, ...]) -> str:
     """415 unless the body's type is one we read."""
     kind = wire.base_type(request.headers.get("content-type"))
     if kind not in allowed:
-        raise Problem(415, "unsupported_media_type",
+        raise DomainError("unsupported_media_type",
                       f"Content-Type {kind or '(none)'!r} is not accepted here; use one of "
                       f"{list(allowed)}", accepted=list(allowed))
     return kind
@@ -79,7 +105,7 @@ def accept(request: Request, default: str, allowed: tuple[str, ...] = wire.TENSO
     """406 unless the Accept header names a format we can produce."""
     chosen = negotiate(request.headers.get("accept"), default)
     if chosen is None or chosen not in allowed:
-        raise Problem(406, "not_acceptable",
+        raise DomainError("not_acceptable",
                       f"cannot produce any of {request.headers.get('accept')!r}; available: "
                       f"{list(allowed)}", available=list(allowed))
     return chosen
@@ -93,9 +119,9 @@ async def read_body(request: Request, limit: int) -> bytearray:
         try:
             size_hint = int(declared)
         except ValueError:
-            raise Problem(400, "malformed_body", "Content-Length is not a number") from None
+            raise DomainError("malformed_body", "Content-Length is not a number") from None
         if size_hint > limit:
-            raise Problem(413, "body_too_large", f"body of {size_hint} bytes is over the limit of "
+            raise DomainError("body_too_large", f"body of {size_hint} bytes is over the limit of "
                           f"{limit} bytes", limit=limit)
     if 0 < size_hint <= _PREALLOCATE_MAX:
         buf = bytearray(size_hint)
@@ -104,22 +130,22 @@ async def read_body(request: Request, limit: int) -> bytearray:
         async for chunk in request.stream():
             end = n + len(chunk)
             if end > limit:
-                raise Problem(413, "body_too_large", f"body is over the limit of {limit} bytes",
+                raise DomainError("body_too_large", f"body is over the limit of {limit} bytes",
                               limit=limit)
             if end > size_hint:
-                raise Problem(400, "malformed_body", "body longer than its Content-Length")
+                raise DomainError("malformed_body", "body longer than its Content-Length")
             view[n:end] = chunk
             n = end
         if n != size_hint:
-            raise Problem(400, "malformed_body", "body shorter than its Content-Length")
+            raise DomainError("malformed_body", "body shorter than its Content-Length")
         return buf
     out = bytearray()
     async for chunk in request.stream():
         out += chunk
         if size_hint and len(out) > size_hint:
-            raise Problem(400, "malformed_body", "body longer than its Content-Length")
+            raise DomainError("malformed_body", "body longer than its Content-Length")
         if len(out) > limit:
-            raise Problem(413, "body_too_large", f"body is over the limit of {limit} bytes",
+            raise DomainError("body_too_large", f"body is over the limit of {limit} bytes",
                           limit=limit)
     return out
 
@@ -129,7 +155,7 @@ def decode_tensors(body: bytearray, kind: str
     try:
         return wire.decode(body, kind)
     except wire.WireError as exc:
-        raise Problem(400, "malformed_body", str(exc)) from None
+        raise DomainError("malformed_body", str(exc)) from None
 
 
 def parse_if_match(value: str | None) -> int | None:
@@ -140,12 +166,20 @@ def parse_if_match(value: str | None) -> int | None:
     return int(m.group(1)) if m else -1
 
 
+def if_match_header(request: Request) -> IfMatch:
+    """If-Match as a precondition on replacing tensors: a version, ``*``, or absent."""
+    raw = request.headers.get("if-match")
+    if raw is None:
+        return None
+    return "*" if raw.strip() == "*" else parse_if_match(raw)
+
+
 def parse_version_header(value: str | None, header: str) -> int | None:
     if value is None:
         return None
     m = _ETAG.match(value)
     if not m:
-        raise Problem(422, "invalid_header", f"{header}: expected a version number such as "
+        raise DomainError("invalid_header", f"{header}: expected a version number such as "
                       f'"3", got {value!r}', header=header)
     return int(m.group(1))
 

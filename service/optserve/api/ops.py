@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..metrics import REGISTRY
+from .deps import StoreDep
 from .problems import Problem, store_unavailable
 
 router = APIRouter(tags=["operations"])
@@ -17,9 +18,9 @@ async def livez() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> dict[str, str]:
+async def readyz(store: StoreDep) -> dict[str, str]:
     try:
-        await request.app.state.store.ping()
+        await store.ping()
     except Exception as exc:  # any failure to answer means not ready
         raise store_unavailable(exc) from None
     return {"status": "ready"}

@@ -1,4 +1,9 @@
-"""RFC 9457 problem details: every error the API returns is one of these."""
+"""RFC 9457 problem details: every error the API returns is one of these.
+
+The one place that knows HTTP statuses: a domain error's ``code`` is looked up in
+``optserve_client.spec.PROBLEMS``; framework errors (routing, validation, Redis down) are
+mapped here too.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from optserve_client.spec import status_of
+
+from ..errors import DomainError
 
 log = logging.getLogger("optserve")
 
@@ -37,19 +46,28 @@ class Problem(Exception):
 
     def __init__(
         self,
-        status: int,
         code: str,
         detail: str,
         *,
+        status: int | None = None,
         headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(detail)
-        self.status = status
+        # The contract's status for the code (KeyError for an unknown code); only an
+        # ``http_error`` carries the status of the HTTP error it stands for.
+        contract_status = status_of(code)
+        self.status = contract_status if status is None else status
         self.code = code
         self.detail = detail
         self.headers = headers or {}
         self.extra = extra
+
+    @classmethod
+    def of(cls, exc: DomainError) -> Problem:
+        """The HTTP form of a domain error: same code, detail and fields."""
+        headers = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+        return cls(exc.code, exc.detail, headers=headers, **exc.fields)
 
     def body(self, instance: str | None = None) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -75,7 +93,6 @@ class Problem(Exception):
 
 def store_unavailable(exc: BaseException) -> Problem:
     return Problem(
-        503,
         "store_unavailable",
         f"the state store is unreachable ({type(exc).__name__}); retry shortly",
         headers={"Retry-After": "1"},
@@ -102,6 +119,10 @@ def install(app: FastAPI) -> None:
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return exc.response(request.url.path)
 
+    @app.exception_handler(DomainError)
+    async def _domain(request: Request, exc: DomainError) -> JSONResponse:
+        return Problem.of(exc).response(request.url.path)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
@@ -110,20 +131,20 @@ def install(app: FastAPI) -> None:
         ]
         is_json_error = any(e["type"] == "json_invalid" for e in errors)
         if is_json_error:
-            problem = Problem(400, "malformed_body", "the body is not valid JSON", errors=errors)
+            problem = Problem("malformed_body", "the body is not valid JSON", errors=errors)
         else:
             detail = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors
             )
-            problem = Problem(422, "invalid_request", detail or "invalid request", errors=errors)
+            problem = Problem("invalid_request", detail or "invalid request", errors=errors)
         return problem.response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         problem = Problem(
-            exc.status_code,
             _status_code(exc.status_code),
             str(exc.detail),
+            status=exc.status_code,
             headers=dict(exc.headers or {}),
         )
         return problem.response(request.url.path)
@@ -134,7 +155,7 @@ def install(app: FastAPI) -> None:
 
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return Problem(500, "internal_error", "an unexpected error; nothing was applied "
+        return Problem("internal_error", "an unexpected error; nothing was applied "
                        "unless the response said so").response(request.url.path)
 
     app.add_exception_handler(Exception, _unexpected)

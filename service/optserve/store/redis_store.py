@@ -19,17 +19,13 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
+from ..errors import SessionBusy, StoreConflict
+from ..session import SessionHead, SessionMeta
 from . import keys
 
 Buffer = bytes | bytearray | memoryview
 
-
-class StoreConflict(Exception):
-    """The version moved under a commit (a lock expired mid-step): nothing was written."""
-
-
-class SessionBusy(Exception):
-    """The session's lock could not be taken in time."""
+__all__ = ["SessionBusy", "StepTxn", "Store", "StoreConflict", "make_redis"]
 
 
 def make_redis(url: str, timeout_s: float, max_connections: int = 512) -> Redis:
@@ -51,9 +47,14 @@ def make_redis(url: str, timeout_s: float, max_connections: int = 512) -> Redis:
     return Redis(connection_pool=pool)
 
 
-def _head(values: Sequence[Any]) -> dict[str, float | None]:
-    return {f: (float(v) if v is not None else None)
-            for f, v in zip(keys.HEAD_FIELDS, values, strict=True)}
+def _head(values: Sequence[Any]) -> SessionHead:
+    return SessionHead.from_values({f: (float(v) if v is not None else None)
+                                    for f, v in zip(keys.HEAD_FIELDS, values, strict=True)})
+
+
+def idempotency_record(version: int) -> str:
+    """What an idempotency key remembers of the step it made: the version it produced."""
+    return json.dumps({"version": version})
 
 
 def now() -> float:
@@ -71,17 +72,17 @@ class Store:
 
     # ------------------------------------------------------------------ documents
 
-    async def create(self, meta: dict[str, Any], fields: Mapping[str, Buffer] | None) -> None:
-        sid = meta["id"]
+    async def create(self, meta: SessionMeta, fields: Mapping[str, Buffer] | None) -> None:
+        sid = meta.id
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.meta(sid), json.dumps(meta))
-            head = {keys.UPDATED: repr(meta["created_at"])}
+            pipe.set(keys.meta(sid), meta.to_json())
+            head = {keys.UPDATED: repr(meta.created_at)}
             if fields is not None:
                 head[keys.VERSION] = "0"
             pipe.hset(keys.tensors(sid), mapping={**head, **(fields or {})})
             await pipe.execute()
         # The tenant index lives in another slot; it is only an index, filtered on read.
-        await self.redis.sadd(keys.tenant_sessions(meta["tenant"]), sid)
+        await self.redis.sadd(keys.tenant_sessions(meta.tenant or ""), sid)
 
     async def claim_create(self, tenant: str, key: str, sid: str, ttl_s: int) -> str:
         """Record `sid` as the session this create key made; returns the first one recorded."""
@@ -91,27 +92,27 @@ class Store:
         first = await self.redis.get(rkey)
         return first.decode() if first else sid
 
-    async def get_meta(self, sid: str) -> dict[str, Any] | None:
+    async def get_meta(self, sid: str) -> SessionMeta | None:
         raw = await self.redis.get(keys.meta(sid))
-        return json.loads(raw) if raw else None
+        return SessionMeta.from_json(raw) if raw else None
 
-    async def head(self, sid: str) -> dict[str, float | None]:
+    async def head(self, sid: str) -> SessionHead:
         """The small fields of the tensor hash: version, updated_at, last norms, steps."""
         values = await self.redis.hmget(keys.tensors(sid), list(keys.HEAD_FIELDS))
         return _head(values)
 
-    async def heads(self, sids: list[str]) -> list[dict[str, float | None]]:
+    async def heads(self, sids: list[str]) -> list[SessionHead]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in sids:
                 pipe.hmget(keys.tensors(sid), list(keys.HEAD_FIELDS))
             rows = await pipe.execute()
         return [_head(row) for row in rows]
 
-    async def get_metas(self, sids: list[str]) -> list[dict[str, Any] | None]:
+    async def get_metas(self, sids: list[str]) -> list[SessionMeta | None]:
         if not sids:
             return []
         raws = await self.redis.mget([keys.meta(s) for s in sids])
-        return [json.loads(r) if r else None for r in raws]
+        return [SessionMeta.from_json(r) if r else None for r in raws]
 
     async def list_ids(self, tenant: str) -> list[str]:
         ids = await self.redis.smembers(keys.tenant_sessions(tenant))
@@ -182,7 +183,7 @@ class StepTxn:
         self.sid = sid
         self.conn = conn
         self.token = secrets.token_hex(16)
-        self.meta: dict[str, Any] | None = None
+        self.meta: SessionMeta | None = None
         self.version: int | None = None
         self.nonce: str | None = None  # changes with every commit (see `commit`)
         self.done = False
@@ -228,7 +229,7 @@ class StepTxn:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.002)  # lock holders are quick: poll often, briefly
         self.locked = True
-        self.meta = json.loads(raw_meta) if raw_meta else None
+        self.meta = SessionMeta.from_json(raw_meta) if raw_meta else None
         raw_v, raw_nonce = head
         self.version = int(raw_v) if raw_v is not None else None
         self.nonce = raw_nonce.decode() if raw_nonce is not None else None
@@ -243,13 +244,13 @@ class StepTxn:
 
     async def commit(self, new: int, fields: Mapping[str, Buffer], *,
                      stats: Mapping[str, float | None] | None = None,
-                     idempotency: tuple[str, dict[str, Any]] | None = None,
+                     idempotency_key: str | None = None,
                      count_step: bool = True,
                      delete_fields: Sequence[str] = (),
-                     meta: Mapping[str, Any] | None = None,
+                     meta: SessionMeta | None = None,
                      extra: Sequence[Sequence[Any]] = ()) -> None:
         """Write the new version's tensors (and `extra` commands) atomically, then unlock."""
-        store, sid = self.store, self.sid
+        sid = self.sid
         tkey = keys.tensors(sid)
         mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
         unknown = [name for name, value in (stats or {}).items() if value is None]
@@ -263,15 +264,18 @@ class StepTxn:
         if delete_fields:
             cmds.append(("HDEL", tkey, *delete_fields))
         if meta is not None:
-            cmds.append(("SET", keys.meta(sid), json.dumps(meta)))
+            cmds.append(("SET", keys.meta(sid), meta.to_json()))
         if count_step:
             cmds.append(("HINCRBY", tkey, keys.STEPS, 1))
-        if idempotency is not None:
-            idem_key, record = idempotency
-            cmds.append(("SET", keys.idempotency(sid, idem_key), json.dumps(record), "EX",
-                         store.idempotency_ttl_s))
+        if idempotency_key is not None:
+            cmds.append(self.remember(idempotency_key, new))
         cmds.extend(extra)
         await self.execute(cmds)
+
+    def remember(self, idempotency_key: str, version: int) -> tuple[Any, ...]:
+        """The command that records `idempotency_key` as having made `version`."""
+        return ("SET", keys.idempotency(self.sid, idempotency_key), idempotency_record(version),
+                "EX", self.store.idempotency_ttl_s)
 
     async def execute(self, cmds: Sequence[Sequence[Any]]) -> list[Any]:
         """MULTI, the commands, EXEC (void if the WATCHed hash moved), and the lock's release.

@@ -1,0 +1,72 @@
+"""This process's copy of sessions' tensors, so a step need not read them from Redis.
+
+An entry is used only if it is the very commit Redis holds (version and commit nonce, see
+``StepTxn.execute``); a step takes its entry out while it works and puts it back after the
+response is sent, so no two steps ever share tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Loaded:
+    """One session's tensors at one version, as torch tensors on the compute device."""
+
+    version: int
+    params: dict[str, torch.Tensor]
+    state: dict[str, dict[str, torch.Tensor]]
+    nbytes: int = 0
+    nonce: str | None = None  # the commit that wrote this version (see StepTxn.commit)
+
+    def count_bytes(self) -> None:
+        self.nbytes = sum(nbytes(t) for t in self.params.values()) + sum(
+            nbytes(t) for s in self.state.values() for t in s.values())
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class TensorCache:
+    """A per-process LRU of sessions' tensors, bounded in bytes, keyed by session id."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self._items: OrderedDict[str, Loaded] = OrderedDict()
+        self._bytes = 0
+        self._mutex = threading.Lock()
+
+    def put(self, sid: str, item: Loaded) -> None:
+        with self._mutex:
+            self._remove(sid)
+            if item.nbytes > self.limit:
+                return
+            self._items[sid] = item
+            self._bytes += item.nbytes
+            while self._bytes > self.limit and self._items:
+                oldest = next(iter(self._items))
+                self._remove(oldest)
+
+    def take(self, sid: str, version: int, nonce: str | None) -> Loaded | None:
+        """Remove and return the entry: the caller owns those tensors until it puts them back."""
+        with self._mutex:
+            item = self._items.get(sid)
+            if item is None:
+                return None
+            self._remove(sid)
+            return item if (item.version, item.nonce) == (version, nonce) else None
+
+    def drop(self, sid: str) -> None:
+        with self._mutex:
+            self._remove(sid)
+
+    def _remove(self, sid: str) -> None:
+        item = self._items.pop(sid, None)
+        if item is not None:
+            self._bytes -= item.nbytes

@@ -1,0 +1,147 @@
+"""The checks a request's tensors, versions and hyperparameters must pass, as domain errors.
+
+Shared by steps, sync rounds, PATCH and the PUTs, so each refusal has one wording and one
+place. The order in which callers run them is the contract's (API.md): 412, 409, then 422.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+
+from optserve_client.wire import WireTensor
+
+from . import optim
+from .errors import DomainError
+from .session import SessionMeta, TensorSpec
+from .store.redis_store import StepTxn
+from .tensors import DTYPES, PARAM_DTYPES, from_bytes
+
+IfMatch = int | Literal["*"] | None
+"""A parsed If-Match: a version (-1 names none), ``*`` (any), or absent."""
+
+
+def check_tensors(declared: Mapping[str, TensorSpec], given: Mapping[str, WireTensor], *,
+                  what: str, require_all: bool, dtypes: tuple[str, ...]) -> None:
+    """Names, shapes and dtypes that do not fit the session, naming the tensor."""
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise DomainError("unknown_tensor", f"unknown {what} name(s) {unknown}; the session "
+                          f"has {sorted(declared)}", tensors=unknown)
+    if require_all:
+        missing = sorted(set(declared) - set(given))
+        if missing:
+            raise DomainError("missing_tensor", f"missing {what}(s) {missing}", tensors=missing)
+    for name, t in given.items():
+        want = list(declared[name].shape)
+        if list(t.shape) != want:
+            raise DomainError("shape_mismatch", f"{what} {name!r} has shape {list(t.shape)}, "
+                              f"the parameter has {want}", tensor=name, expected=want,
+                              got=list(t.shape))
+        if t.dtype not in dtypes:
+            raise DomainError("dtype_mismatch", f"{what} {name!r} is {t.dtype}; accepted: "
+                              f"{list(dtypes)}", tensor=name, got=t.dtype)
+
+
+def check_param_body(declared: Mapping[str, TensorSpec] | None,
+                     given: Mapping[str, WireTensor]) -> None:
+    """Parameters: float32/float64, and once defined, the same names, shapes and dtypes."""
+    for name, t in given.items():
+        if t.dtype not in PARAM_DTYPES:
+            raise DomainError("dtype_mismatch", f"parameter {name!r} is {t.dtype}; parameters "
+                              f"are {list(PARAM_DTYPES)}", tensor=name, got=t.dtype)
+        if not name or name.strip() != name:
+            raise DomainError("invalid_name", f"parameter name {name!r} is empty or padded")
+    if declared is None:
+        if not given:
+            raise DomainError("missing_tensor", "a session needs at least one parameter")
+        return
+    check_tensors(declared, given, what="parameter", require_all=True, dtypes=PARAM_DTYPES)
+    for name, t in given.items():
+        if t.dtype != declared[name].dtype:
+            raise DomainError("dtype_mismatch", f"parameter {name!r} is {t.dtype}, the session "
+                              f"holds {declared[name].dtype}", tensor=name, got=t.dtype,
+                              expected=declared[name].dtype)
+
+
+def check_finite(given: Mapping[str, WireTensor], device: str, what: str) -> None:
+    for name, w in given.items():
+        t = from_bytes(w.data, w.dtype, w.shape, device, writable=False)
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise DomainError(f"non_finite_{what}", f"{what} {name!r} has NaN or infinite "
+                              "values", tensor=name)
+
+
+def check_finite_as_params(given: Mapping[str, WireTensor],
+                           declared: Mapping[str, TensorSpec]) -> None:
+    """Gradients must be finite in their parameter's dtype too (1e300 is not a float32)."""
+    for name, w in given.items():
+        t = from_bytes(w.data, w.dtype, w.shape, writable=False)
+        target = DTYPES[declared[name].dtype]
+        if t.dtype != target:
+            t = t.to(target)
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise DomainError("non_finite_gradient", f"gradient {name!r} has NaN or infinite "
+                              f"values (as {declared[name].dtype})", tensor=name)
+
+
+def locked_session(txn: StepTxn) -> tuple[SessionMeta, int | None]:
+    """The session document and version as read under the lock (deleted since: not found)."""
+    if txn.meta is None:
+        raise DomainError("session_not_found", f"session {txn.sid} was deleted")
+    return txn.meta, txn.version
+
+
+def check_version(version: int | None, if_match: int | None) -> int:
+    """A step's first checks, in the contract's order: If-Match, then parameters exist."""
+    if if_match is not None and if_match != version:
+        raise DomainError("version_mismatch", f"If-Match names version {if_match}, the "
+                          f"session is at {version}", current_version=version)
+    if version is None:
+        raise DomainError("no_params", "the session has no parameters yet; PUT them first",
+                          current_version=None)
+    return version
+
+
+def check_staleness(meta: SessionMeta, version: int, base_version: int | None) -> None:
+    """An async step's gradient: not from the future, not more than max_staleness behind."""
+    if base_version is None:
+        return
+    if base_version > version:
+        raise DomainError("future_version", f"base version {base_version} is newer than the "
+                          f"session's {version}", current_version=version)
+    s = meta.max_staleness
+    if s is not None and base_version < version - s:
+        raise DomainError("stale_gradient", f"gradient computed on version {base_version}, "
+                          f"more than max_staleness={s} behind {version}",
+                          current_version=version)
+
+
+def require_if_match(version: int | None, if_match: IfMatch, what: str) -> None:
+    """Replacing tensors after version 0 needs If-Match naming the current version."""
+    if version is None:
+        return
+    if if_match is None:
+        raise DomainError("precondition_required", f"replacing {what} needs "
+                          f'If-Match: "{version}"', current_version=version)
+    wanted = version if if_match == "*" else if_match
+    if wanted != version:
+        raise DomainError("version_mismatch", f"If-Match names version {wanted}, the "
+                          f"session is at {version}", current_version=version)
+
+
+def validate_hyperparams(optimizer: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Torch's defaults filled in; a refusal naming each bad field and its allowed range."""
+    try:
+        hp = optim.get_optimizer(optimizer).hyperparams.model_validate(values)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]} for e in exc.errors()
+        ]
+        detail = "; ".join(f"{e['field'] or 'hyperparams'}: {e['msg']}" for e in errors)
+        raise DomainError("invalid_hyperparams", f"invalid {optimizer} hyperparameters: "
+                          f"{detail}", errors=errors) from None
+    return hp.model_dump(mode="json")

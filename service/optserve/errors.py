@@ -1,0 +1,51 @@
+"""Domain errors: what went wrong, as a problem ``code`` and its fields, with no HTTP in it.
+
+Everything below ``api/`` raises these; ``api/problems.py`` alone turns one into an HTTP
+status and an application/problem+json body (the status comes from
+``optserve_client.spec.PROBLEMS``). The code is checked at construction, so a code the
+contract does not list fails loudly wherever it is first raised, tests included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optserve_client.spec import PROBLEMS
+
+
+class DomainError(Exception):
+    """A refusal with a stable ``code``, a human ``detail`` and extra body fields.
+
+    ``retry_after`` (seconds) says the same request may succeed later.
+    """
+
+    def __init__(self, code: str, detail: str, *, retry_after: int | None = None,
+                 **fields: Any) -> None:
+        if code not in PROBLEMS:
+            raise ValueError(f"unknown problem code {code!r}: add it to optserve_client.spec")
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.retry_after = retry_after
+        self.fields = fields
+
+
+class Busy(DomainError):
+    """The session could not be had (lock or a moving version): nothing was applied, retry."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("session_busy", f"{reason}; nothing was applied, retry",
+                         retry_after=1)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class SessionBusy(Busy):
+    """The session's lock could not be taken in time."""
+
+
+class StoreConflict(Busy):
+    """The version moved under a commit (a lock expired mid-step): nothing was written."""
+

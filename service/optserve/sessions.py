@@ -1,0 +1,231 @@
+"""Session operations below the HTTP layer: create, change, replace, import, read, delete.
+
+Each takes what a route parsed and does the whole job: the checks (as domain errors), the
+locked transaction, the cache and the fused-kernel warm-up. The routes only translate.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from optserve_client import wire
+from optserve_client.spec import PRESETS
+
+from . import optim, state_io
+from .checks import (
+    IfMatch,
+    check_finite,
+    check_param_body,
+    locked_session,
+    require_if_match,
+    validate_hyperparams,
+)
+from .engine import Engine
+from .errors import DomainError
+from .session import SessionHead, SessionMeta, SyncSpec, describe
+from .store import keys
+from .store import rounds as stored
+from .store.redis_store import now
+
+
+@dataclass(frozen=True)
+class View:
+    """A session and the small numbers of its tensor hash, as a response shows them."""
+
+    meta: SessionMeta
+    head: SessionHead
+    replayed: bool = False
+
+
+class Sessions:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.settings = engine.settings
+
+    async def view(self, meta: SessionMeta) -> View:
+        return View(meta, await self.store.head(meta.id))
+
+    async def listing(self, tenant: str) -> list[View]:
+        metas = await self.store.get_metas(await self.store.list_ids(tenant))
+        live = [m for m in metas if m is not None and m.tenant == tenant]
+        heads = await self.store.heads([m.id for m in live])
+        return [View(m, h) for m, h in zip(live, heads, strict=True)]
+
+    async def create(self, tenant: str, *, optimizer: str | None, preset: str | None,
+                     hyperparams: Mapping[str, Any], params: dict[str, wire.WireTensor] | None,
+                     mode: str, max_staleness: int | None, sync: Mapping[str, Any] | None,
+                     name: str | None, idempotency_key: str | None) -> View:
+        """A new session; a retried create (same key) gets the session the first try made."""
+        hyper = dict(hyperparams)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise DomainError("invalid_hyperparams", f"unknown preset {preset!r}; "
+                                  f"known: {sorted(PRESETS)}")
+            preset_opt, preset_hp = PRESETS[preset]
+            if optimizer not in (None, preset_opt):
+                raise DomainError("invalid_hyperparams", f"preset {preset!r} is for "
+                                  f"{preset_opt}, not {optimizer}")
+            optimizer, hyper = preset_opt, {**preset_hp, **hyper}
+        optimizer = optimizer or "rmsprop"
+        hp = validate_hyperparams(optimizer, hyper)
+        if mode == "sync" and sync is None:
+            raise DomainError("invalid_request", "sync mode needs `sync.contributions`")
+        sync_spec = None
+        if sync is not None:
+            least = sync["min_contributions"]
+            if least is None:
+                least = sync["contributions"]
+            if least > sync["contributions"]:
+                raise DomainError("invalid_request", "sync.min_contributions cannot exceed "
+                                  "sync.contributions")
+            sync_spec = SyncSpec(sync["contributions"], least, sync["timeout_s"])
+        fields = None
+        if params is not None:
+            check_param_body(None, params)
+            check_finite(params, "cpu", "parameter")
+            fields = {keys.param_field(n): t.data for n, t in params.items()}
+        meta = SessionMeta(
+            id=secrets.token_urlsafe(18), tenant=tenant, name=name, optimizer=optimizer,
+            hyperparams=hp, mode=mode, max_staleness=max_staleness, sync=sync_spec,
+            tensors=describe(params) if params is not None else {}, created_at=now())
+        await self.store.create(meta, fields)
+        if idempotency_key is not None:
+            first = await self.store.claim_create(tenant, idempotency_key, meta.id,
+                                                  self.settings.idempotency_ttl_s)
+            if first != meta.id:  # a retry: drop this one, answer with the first
+                await self.store.delete(meta.id, tenant)
+                existing = await self.store.get_meta(first)
+                if existing is not None and existing.tenant == tenant:
+                    return View(existing, await self.store.head(first), replayed=True)
+                raise DomainError("idempotency_key_reused", "this Idempotency-Key created a "
+                                  "session that has since been deleted; use a new key",
+                                  current_version=None)
+        self.engine.warm(meta)
+        return View(meta, SessionHead(0 if fields is not None else None, None, 0, None, None))
+
+    async def patch(self, meta: SessionMeta, *, optimizer: str | None,
+                    hyperparams: Mapping[str, Any] | None, changes: Mapping[str, Any]) -> View:
+        """New hyperparameters (merged), optimizer, name or max_staleness.
+
+        The optimizer and ``centered`` are fixed once a step was applied; momentum switched
+        on later starts from a fresh buffer, not one left from an earlier stretch with it.
+        """
+        sid = meta.id
+        async with self.store.step_txn(sid) as txn:
+            old, _ = locked_session(txn)
+            steps = await txn.call("HGET", keys.tensors(sid), keys.STEPS)
+            stepped = bool(steps and int(steps))
+            optimizer = optimizer or old.optimizer
+            if optimizer != old.optimizer:
+                if stepped:
+                    raise DomainError("immutable_hyperparam", "`optimizer` cannot change once "
+                                      "a step has been applied", field="optimizer")
+                merged = dict(hyperparams or {})
+            else:
+                merged = {**old.hyperparams, **(hyperparams or {})}
+            hp = validate_hyperparams(optimizer, merged)
+            if stepped and hp.get("centered", False) != old.hyperparams.get("centered", False):
+                raise DomainError("immutable_hyperparam", "`centered` cannot change once a "
+                                  "step has been applied", field="centered")
+            meta = old.replace(optimizer=optimizer, hyperparams=hp, **changes)
+            cmds: list[Any] = [("SET", keys.meta(sid), meta.to_json())]
+            if old.hyperparams.get("momentum", 0) == 0 and hp.get("momentum", 0) != 0:
+                stale = [f for f in await txn.call("HKEYS", keys.tensors(sid))
+                         if f.endswith(b".momentum_buffer") and f.startswith(b"s.")]
+                if stale:
+                    cmds.append(("HDEL", keys.tensors(sid), *stale))
+            await txn.execute(cmds)
+        self.engine.cache.drop(sid)
+        self.engine.warm(meta)
+        return await self.view(meta)
+
+    async def replace_params(self, meta: SessionMeta, tensors: dict[str, wire.WireTensor],
+                             if_match: IfMatch) -> View:
+        """New parameters (the first ones define the session's tensors); state is kept."""
+        sid = meta.id
+        async with self.store.step_txn(sid) as txn:
+            meta, version = locked_session(txn)
+            declared = meta.tensors or None
+            require_if_match(version, if_match, "parameters")
+            check_param_body(declared, tensors)
+            check_finite(tensors, "cpu", "parameter")
+            fields = {keys.param_field(n): t.data for n, t in tensors.items()}
+            new_meta = meta.replace(tensors=describe(tensors)) if declared is None else None
+            self.engine.cache.drop(sid)
+            abandon = await stored.abandon_cmds(txn, meta)
+            await txn.commit(0 if version is None else version + 1, fields, count_step=False,
+                             meta=new_meta, extra=abandon)
+            meta = new_meta or meta
+        self.engine.warm(meta)
+        return await self.view(meta)
+
+    async def import_state(self, meta: SessionMeta, tensors: dict[str, wire.WireTensor],
+                           metadata: Mapping[str, str] | None, if_match: IfMatch) -> View:
+        """Replace parameters, optimizer state and hyperparameters from a state file."""
+        sid = meta.id
+        async with self.store.step_txn(sid) as txn:
+            meta, version = locked_session(txn)
+            require_if_match(version, if_match, "the state")
+            new = state_io.parse_import(meta, tensors, metadata)
+            stale = [f.decode() for f in await txn.call("HKEYS", keys.tensors(sid))
+                     if f.startswith(b"s.") and f.decode() not in new.fields]
+            new_meta = meta.replace(optimizer=new.optimizer, hyperparams=new.hyperparams,
+                                    tensors=describe(new.params))
+            self.engine.cache.drop(sid)
+            abandon = await stored.abandon_cmds(txn, meta)
+            await txn.commit(0 if version is None else version + 1, new.fields,
+                             count_step=False, delete_fields=stale, meta=new_meta,
+                             extra=[("HSET", keys.tensors(sid), keys.STEPS, new.steps),
+                                    *abandon])
+        self.engine.warm(new_meta)
+        return await self.view(new_meta)
+
+    async def export_state(self, meta: SessionMeta
+                           ) -> tuple[int | None, dict[str, wire.WireTensor], dict[str, Any]]:
+        """The state file's tensors and its ``optserve`` metadata."""
+        version, fields = await self.store.load(meta.id)
+        info = {"optimizer": meta.optimizer, "hyperparams": meta.hyperparams,
+                "version": version}
+        return version, state_io.export(meta, fields), info
+
+    async def stats(self, meta: SessionMeta) -> dict[str, Any]:
+        """Steps, last norms and each tensor's step count and effective learning rates."""
+        version, fields = await self.store.load(meta.id)
+        head = await self.store.head(meta.id)
+        opt = optim.get_optimizer(meta.optimizer)
+        hp = opt.hyperparams.model_validate(meta.hyperparams)
+        tensors: dict[str, Any] = {}
+        if version is not None:
+            loaded = self.engine.materialize(meta, version, {
+                f: b for f, b in fields.items() if f.startswith("s.")})
+            for name in meta.tensors:
+                st = loaded.state.get(name, {})
+                entry: dict[str, Any] = {"step": int(st["step"].item()) if "step" in st else 0}
+                eff = optim.effective_lr(opt, hp, st) if st else None
+                if eff is not None and eff.numel():
+                    flat = eff.reshape(-1).double()
+                    entry["effective_lr"] = {"min": float(flat.min()),
+                                             "median": float(flat.median()),
+                                             "max": float(flat.max())}
+                else:
+                    entry["effective_lr"] = None
+                tensors[name] = entry
+        return {
+            "version": version,
+            "steps_applied": head.steps,
+            "last_grad_norm": head.last_grad_norm,
+            "last_update_norm": head.last_update_norm,
+            "optimizer": meta.optimizer,
+            "hyperparams": meta.hyperparams,
+            "tensors": tensors,
+        }
+
+    async def delete(self, meta: SessionMeta) -> None:
+        """Delete the session once a step in flight (holding its lock) is done."""
+        async with self.store.step_txn(meta.id):
+            await self.store.delete(meta.id, meta.tenant or "")
+        self.engine.cache.drop(meta.id)
