@@ -17,10 +17,10 @@ node-id order, so a run is reproducible. Every floating array of the ArrayRecord
 optimized (float32 or float64, as the session holds them); integer arrays are refused.
 
 The strategies subclass the Message API's ``flwr.serverapp.strategy.FedAvg`` (every
-FedAvg argument passes through: ``fraction_train``, ``min_available_nodes`` ...). For the
-deprecated ``flwr.server.strategy`` API see `optserve_client.flower_legacy`. Importing this
-module needs ``flwr`` (``pip install 'optserve[flower]'``); ``optserve_client`` does not
-import it.
+FedAvg argument passes through: ``fraction_train``, ``min_available_nodes`` ...); the
+deprecated ``flwr.server.strategy`` API is not covered, but `ServerOptimizer` holds all
+that a strategy of it would need. Importing this module needs ``flwr`` (``pip install
+'optserve[flower]'``); ``optserve_client`` does not import it.
 """
 
 from __future__ import annotations
