@@ -108,3 +108,34 @@ def test_flower_simulation_rmsprop_vs_fedavg_and_restart(live_server: str,
         np.testing.assert_array_equal(out["second"][k].numpy(), v)
         np.testing.assert_array_equal(a[k].numpy(), v)
     assert hist["second"][-1] == hist["rmsprop"][-1]
+
+
+@pytest.mark.parametrize("cls", ["OptservAdagrad", "OptservSGD"])
+def test_other_server_optimizers_match_torch(live_server: str, cls: str) -> None:
+    """AdaGrad (FedAdagrad's defaults) and SGD with momentum (FedAvgM) step the session
+    like torch.optim on the pseudo-gradients; a second strategy with the same name attaches."""
+    import torch
+
+    from optserve_client import flower
+
+    kw = {"momentum": 0.5} if cls == "OptservSGD" else {}
+    name = f"fl-{cls}-{uuid.uuid4().hex[:8]}"
+    strategy = getattr(flower, cls)(url=live_server, session=name, **kw)
+    x0 = {"w": np.array([1.0, -2.0, 0.5], np.float32)}
+    start = strategy.current_arrays(ArrayRecord({"w": app.Array(x0["w"])}))
+    np.testing.assert_array_equal(start["w"].numpy(), x0["w"])
+    w = torch.tensor(x0["w"], requires_grad=True)
+    ref = (torch.optim.Adagrad([w], lr=0.1, eps=1e-3) if cls == "OptservAdagrad"
+           else torch.optim.SGD([w], lr=1.0, momentum=0.5))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        cur = strategy.server.params
+        ups = [(float(n), {"w": cur["w"] + rng.standard_normal(3).astype(np.float32)})
+               for n in (10, 30)]
+        new = strategy.server.step(ups)
+        w.grad = torch.from_numpy(pseudo_gradient(cur, ups)["w"])
+        ref.step()
+        np.testing.assert_allclose(new["w"], w.detach().numpy(), rtol=1e-6, atol=1e-7)
+    again = getattr(flower, cls)(url=live_server, session=name, **kw)
+    np.testing.assert_array_equal(again.current_arrays()["w"].numpy(), new["w"])
+    assert again.session_id == strategy.session_id and again.server.version == 3
