@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -346,3 +347,93 @@ def test_helpers_import_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_rank_and_world_size_come_from_the_launcher(live_server: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """RANK/WORLD_SIZE (torchrun's) fill what is not given; explicit arguments win. With a
+    world size, a session *name* is a rendezvous: rank 0 creates, the others wait and
+    attach; without one nothing is created."""
+    from optserve_client.errors import SessionNotFoundError
+    from optserve_client.rendezvous import launch_rank_world
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch_rank_world() == (1, 2)
+    assert launch_rank_world(0, 3) == (0, 3)
+    name = f"rdzv-{time.monotonic_ns()}"
+    monkeypatch.setenv("OPTSERVE_SESSION", name)
+    with Client(live_server) as client:
+        opts: dict[int, DataParallelOptimizer] = {}
+        # rank 1 (from the environment) starts first and waits for rank 0's session
+        t1 = threading.Thread(target=lambda: opts.update(
+            {1: DataParallelOptimizer(tiny_model(), client, wait_s=30)}))
+        t1.start()
+        time.sleep(0.5)
+        assert t1.is_alive()
+        opts[0] = DataParallelOptimizer(tiny_model(), client, rank=0, hyperparams=HP)
+        t1.join(30)
+        assert opts[0].worker.session_id == opts[1].worker.session_id
+        assert [opts[0].worker.rank, opts[1].worker.rank] == [0, 1]
+        doc = client.get_session(opts[0].worker.session_id)
+        assert (doc.name, doc.mode, doc.sync["contributions"]) == (name, "sync", 2)
+        assert doc.hyperparams["momentum"] == HP["momentum"]
+        with pytest.raises(ValueError, match="contributions"):
+            DataParallelOptimizer(tiny_model(), client, world_size=3)
+        monkeypatch.delenv("WORLD_SIZE")
+        with pytest.raises(SessionNotFoundError):
+            DataParallelOptimizer(tiny_model(), client, f"{name}-absent", rank=0)
+        client.delete_session(doc.id)
+
+
+@pytest.mark.slow
+def test_torchrun_example_ranks_match_local_reference(live_server: str,
+                                                      tmp_path: Path) -> None:
+    """examples/torchrun_data_parallel.py under `python -m torch.distributed.run
+    --nproc_per_node 2`: both ranks end with the same parameters, those of torch's RMSprop
+    on the example-weighted mean gradient of the two ranks' batches."""
+    ex = load_example("data_parallel")
+    world, steps, bs = 2, 4, 32
+    name = f"torchrun-test-{time.monotonic_ns()}"
+    env = {**os.environ, "OPTSERVE_SESSION": name}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         str(world), str(ROOT / "examples" / "torchrun_data_parallel.py"), "--url",
+         live_server, "--steps", str(steps), "--batch-size", str(bs), "--save-dir",
+         str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"final version {steps}," in proc.stdout
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    finals = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(world)]
+    with safe_open(tmp_path / "rank0.safetensors", "pt") as f:
+        sid = f.metadata()["session"]
+
+    data = ex.load_data(0)
+    model = ex.make_model(0)
+
+    def grad_of(rank: int):
+        idx = ex.shard(len(data.x_train), rank, world)
+        xs, ys = data.x_train[idx], data.y_train[idx]
+
+        def at(step: int) -> tuple[float, dict[str, torch.Tensor]]:
+            b = ex.batch_indices(len(xs), step, bs, rank, 0)
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(xs[b]), ys[b]).backward()
+            return float(len(b)), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return at
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same kernels, the same sums
+    try:
+        ref = reference(model, [grad_of(r) for r in range(world)], steps, lr=3e-3)
+    finally:
+        torch.set_num_threads(threads)
+    with Client(live_server) as client:
+        doc = client.get_session(sid)
+        assert (doc.name, doc.version, doc.sync["contributions"]) == (name, steps, world)
+        client.delete_session(sid)
+    for n in ref:
+        assert torch.equal(finals[0][n], finals[1][n])
+        torch.testing.assert_close(finals[0][n], ref[n], rtol=1e-5, atol=1e-7)

@@ -69,3 +69,33 @@ def test_optserve_client_torch_needs_torch_only_there() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_sdk_imports_without_flower() -> None:
+    """``optserve_client`` never imports the Flower integration; without flwr, importing
+    ``optserve_client.flower`` says which extra to install."""
+    script = textwrap.dedent("""
+        import sys
+
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("flwr", "ray"):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        import optserve_client
+        from optserve_client import distributed, federated, rendezvous
+        assert "optserve_client.flower" not in sys.modules
+        try:
+            import optserve_client.flower
+        except ImportError as exc:
+            assert "optserve[flower]" in str(exc), exc
+        else:
+            raise AssertionError("flwr was importable")
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

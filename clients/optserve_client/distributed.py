@@ -23,6 +23,7 @@ other machines; torch is imported only by `DataParallelOptimizer`.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from ._codec import ArrayKind, dense_grad, is_torch, named, params_of
 from ._results import Session
 from .client import Client
 from .errors import RoundClosedError, RoundFailedError, StaleGradientError
+from .rendezvous import SESSION_ENV, launch_rank_world, shared_session
 
 if TYPE_CHECKING:
     import torch
@@ -272,17 +274,43 @@ class DataParallelOptimizer:
     ``step(weight=len(batch))``) or async (`AsyncWorker`; with ``on_stale="recompute"``,
     ``step(closure)`` needs the usual torch closure that zeroes the grads, runs forward and
     backward and returns the loss: it is called again on the fresh parameters).
+
+    Launched by torchrun (or any launcher that sets ``RANK`` and ``WORLD_SIZE``): ``rank``
+    and ``world_size`` default to those variables; explicit arguments win (``LOCAL_RANK``
+    is not used: device placement is the model's). ``session`` may then be a *name*,
+    default ``$OPTSERVE_SESSION``: rank 0 creates a sync session of that name for
+    ``world_size`` contributions from its model (``optimizer``, ``hyperparams``, rounds
+    closing ``round_timeout_s`` after their first push) unless one exists; the other ranks
+    wait up to ``wait_s`` for it and attach (see `optserve_client.rendezvous`). An existing
+    session of that name is attached by all ranks: the launch continues it. Without a
+    known world size nothing is created: ``session`` must name an existing session.
     """
 
-    def __init__(self, params: Any, client: Client, session: str | Session, *,
-                 weight: float | None = None, rank: int | None = None,
-                 on_stale: OnStale = "recompute", max_recomputes: int = 3,
-                 round_retries: int = 2, grad_dtype: str | None = None,
-                 pull: bool = True) -> None:
+    def __init__(self, params: Any, client: Client, session: str | Session | None = None,
+                 *, weight: float | None = None, rank: int | None = None,
+                 world_size: int | None = None, on_stale: OnStale = "recompute",
+                 max_recomputes: int = 3, round_retries: int = 2,
+                 grad_dtype: str | None = None, pull: bool = True,
+                 optimizer: str = "rmsprop", hyperparams: Mapping[str, Any] | None = None,
+                 round_timeout_s: float = 60.0, wait_s: float = 120.0) -> None:
         import torch  # noqa: F401  (the torch part of the SDK)
 
         self.tensors: dict[str, torch.Tensor] = named(params)
-        doc = client.get_session(session)
+        rank, world_size = launch_rank_world(rank, world_size)
+        session = session or os.environ.get(SESSION_ENV)
+        if not session:
+            raise ValueError(f"no session: pass one or set ${SESSION_ENV}")
+        if isinstance(session, Session) or world_size is None:
+            doc = client.get_session(session)
+        else:
+            doc = shared_session(client, session, rank=rank, wait_s=wait_s, create=(
+                lambda name: create_sync_session(
+                    client, self.tensors, world_size, timeout_s=round_timeout_s,
+                    optimizer=optimizer, name=name, **(hyperparams or {}))))
+        contributions = (doc.sync or {}).get("contributions")
+        if world_size is not None and doc.mode == "sync" and contributions != world_size:
+            raise ValueError(f"session {doc.id} takes {contributions} contributions a round, "
+                             f"the launch has {world_size} ranks")
         self.worker: SyncWorker | AsyncWorker
         if doc.mode == "sync":
             self.worker = SyncWorker(client, doc, weight=weight, rank=rank,
