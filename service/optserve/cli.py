@@ -5,33 +5,80 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+from typing import TYPE_CHECKING
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .store.embedded import EmbeddedRedis
 
 log = logging.getLogger("optserve")
 
 
+def _say(message: str) -> None:
+    print(f"optserve: {message}", file=sys.stderr, flush=True)
+
+
+def version() -> str:
+    """The installed distribution's version (the source tree's when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("optserve")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def start_embedded_redis(settings: Settings) -> tuple[EmbeddedRedis | None, int]:
+    """Start the private redis-server on ``settings.data_dir``: (server, 0), or (None, exit
+    code) after saying why it cannot start."""
+    from .store.data_dir import DataDirLocked, DataWrittenByNewer
+    from .store.embedded import EmbeddedRedis, EmbeddedRedisError, RedisServerNotFound
+
+    data_dir = settings.data_dir.resolve()
+    _say(f"DATA DIRECTORY {data_dir} (OPTSERVE_DATA_DIR; a relative path is taken from the "
+         "current directory)")
+    embedded = EmbeddedRedis(data_dir=data_dir, binary=settings.redis_server,
+                             unix_socket=hasattr(socket, "AF_UNIX"))
+    try:
+        embedded.start()
+    except RedisServerNotFound as exc:
+        _say(str(exc))
+        return None, 2
+    except DataDirLocked as exc:
+        who = f"pid {exc.pid}" if exc.pid else "pid unknown"
+        _say(f"data directory {data_dir} is locked by another running `optserve serve` "
+             f"({who}): stop that one, or set OPTSERVE_DATA_DIR to another directory")
+        return None, 1
+    except (DataWrittenByNewer, EmbeddedRedisError) as exc:
+        _say(f"cannot start redis-server: {exc}")
+        return None, 1
+    finally:
+        if not embedded.running:
+            embedded.stop()
+    found = ".".join(map(str, embedded.version)) if embedded.version else "version unknown"
+    _say(f"started redis-server {found} ({embedded.binary}) at {embedded.url}, append-only "
+         f"persistence in {data_dir} (set OPTSERVE_REDIS_URL to use your own Redis)")
+    return embedded, 0
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from .store.embedded import EmbeddedRedis, RedisServerNotFound
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     embedded: EmbeddedRedis | None = None
     if not settings.redis_url:
-        try:
-            embedded = EmbeddedRedis(data_dir=settings.data_dir)
-            url = embedded.start()
-        except RedisServerNotFound as exc:
-            print(f"optserve: {exc}", file=sys.stderr)
-            return 2
-        os.environ["OPTSERVE_REDIS_URL"] = url
-        print(f"optserve: started redis-server at {url}, append-only persistence in "
-              f"{settings.data_dir.resolve()} (set OPTSERVE_REDIS_URL to use your own Redis)",
-              file=sys.stderr, flush=True)
+        embedded, code = start_embedded_redis(settings)
+        if embedded is None:
+            return code
+        os.environ["OPTSERVE_REDIS_URL"] = embedded.url
     try:
         uvicorn.run(
             "optserve.app:app_factory",
@@ -56,6 +103,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"optserve {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the HTTP service")
     p.add_argument("--host", default=None, help="default: OPTSERVE_HOST or 127.0.0.1")

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
         None, description="Redis to keep state in; unset: `optserve serve` starts its own."
     )
     data_dir: Path = Field(Path(".optserve-data"), description="The embedded Redis's files.")
+    redis_server: str | None = Field(
+        None, description="The redis-server `optserve serve` runs (unset: the newest found)."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fused: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile'd one-pass update (auto: when compiling works)."
