@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, new_step
+from .exact import blocks
 from .hyperparams import AdagradHyperparams
 
 
@@ -40,23 +41,38 @@ def _clr(hp: AdagradHyperparams, step: float) -> float:
 
 
 def update(param: Tensor, grad: Tensor, st: ParamState, hp: AdagradHyperparams) -> None:
-    """One step in place; mirrors ``torch.optim.adagrad._single_tensor_adagrad`` (dense)."""
+    """One step in place; ``_single_tensor_adagrad``'s ops (dense), block by block."""
     _complete(param, st, hp)
     step_t = st["step"]
-    state_sum = st["sum"]
-
     step_t += 1
     step = step_t.item()
+    clr = _clr(hp, step)
+    for p, g, s in blocks(param, grad, st["sum"]):
+        _ops(p, g, s, clr, hp)  # type: ignore[arg-type]
+
+
+def _ops(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float,
+         hp: AdagradHyperparams) -> None:
+    """torch's loop body after the step count and ``clr``: same ops, order and scalars."""
     grad = grad if not hp.maximize else -grad
 
     if hp.weight_decay != 0:
         grad = grad.add(param, alpha=hp.weight_decay)
 
-    clr = _clr(hp, step)
-
     state_sum.addcmul_(grad, grad, value=1)
     std = state_sum.sqrt().add_(hp.eps)
     param.addcdiv_(grad, std, value=-clr)
+
+
+def foreach_update(params: list[Tensor], grads: list[Tensor], states: list[ParamState],
+                   hp: AdagradHyperparams) -> None:
+    """torch's multi-tensor Adagrad over all tensors at once, as torch.optim on CUDA."""
+    for param, st in zip(params, states, strict=True):
+        _complete(param, st, hp)
+    torch.optim.adagrad.adagrad(
+        params, grads, [st["sum"] for st in states], [st["step"] for st in states],
+        foreach=True, has_complex=any(torch.is_complex(p) for p in params), lr=hp.lr,
+        weight_decay=hp.weight_decay, lr_decay=hp.lr_decay, eps=hp.eps, maximize=hp.maximize)
 
 
 def fused_flags(hp: AdagradHyperparams) -> tuple[bool, ...]:
@@ -123,6 +139,7 @@ ADAGRAD = OptimizerDef(
     state_keys=("step", "sum"),
     init_state=init_state,
     update=update,
+    foreach_update=foreach_update,
     fused_flags=fused_flags,
     fused_kernel=fused_kernel,
     fused_update=fused_update,

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, flat_opt, new_step
+from .exact import blocks
 from .hyperparams import RMSpropHyperparams
 
 
@@ -43,34 +44,52 @@ def _complete(param: Tensor, st: ParamState, hp: RMSpropHyperparams) -> None:
 
 
 def update(param: Tensor, grad: Tensor, st: ParamState, hp: RMSpropHyperparams) -> None:
-    """One step in place; mirrors ``torch.optim.rmsprop._single_tensor_rmsprop``."""
+    """One step in place; ``_single_tensor_rmsprop``'s ops, block by block (see ``exact``)."""
     _complete(param, st, hp)
-    lr, alpha, eps = hp.lr, hp.alpha, hp.eps
-    step = st["step"]
-    grad = grad if not hp.maximize else -grad
-    square_avg = st["square_avg"]
+    st["step"] += 1
+    ga = st["grad_avg"] if hp.centered else None
+    buf = st["momentum_buffer"] if hp.momentum > 0 else None
+    for p, g, sa, gav, b in blocks(param, grad, st["square_avg"], ga, buf):
+        _ops(p, g, sa, gav, b, hp)  # type: ignore[arg-type]
 
-    step += 1
+
+def _ops(param: Tensor, grad: Tensor, square_avg: Tensor, grad_avg: Tensor | None,
+         buf: Tensor | None, hp: RMSpropHyperparams) -> None:
+    """torch's loop body after ``step += 1``: same ops, same order, same Python scalars."""
+    lr, alpha, eps = hp.lr, hp.alpha, hp.eps
+    grad = grad if not hp.maximize else -grad
 
     if hp.weight_decay != 0:
         grad = grad.add(param, alpha=hp.weight_decay)
 
     square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
 
-    if hp.centered:
-        grad_avg = st["grad_avg"]
+    if grad_avg is not None:
         grad_avg.lerp_(grad, 1 - alpha)
         avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
     else:
         avg = square_avg.sqrt()
     avg = avg.add_(eps)
 
-    if hp.momentum > 0:
-        buf = st["momentum_buffer"]
+    if buf is not None:
         buf.mul_(hp.momentum).addcdiv_(grad, avg)
         param.add_(buf, alpha=-lr)
     else:
         param.addcdiv_(grad, avg, value=-lr)
+
+
+def foreach_update(params: list[Tensor], grads: list[Tensor], states: list[ParamState],
+                   hp: RMSpropHyperparams) -> None:
+    """torch's multi-tensor RMSprop over all tensors at once, as torch.optim on CUDA."""
+    for param, st in zip(params, states, strict=True):
+        _complete(param, st, hp)
+    torch.optim.rmsprop.rmsprop(
+        params, grads, [st["square_avg"] for st in states],
+        [st["grad_avg"] for st in states] if hp.centered else [],
+        [st["momentum_buffer"] for st in states] if hp.momentum > 0 else [],
+        [st["step"] for st in states], foreach=True, maximize=hp.maximize,
+        has_complex=any(torch.is_complex(p) for p in params), lr=hp.lr, alpha=hp.alpha,
+        eps=hp.eps, weight_decay=hp.weight_decay, momentum=hp.momentum, centered=hp.centered)
 
 
 def fused_flags(hp: RMSpropHyperparams) -> tuple[bool, ...]:
@@ -154,6 +173,7 @@ RMSPROP = OptimizerDef(
     state_keys=("step", "square_avg", "momentum_buffer", "grad_avg"),
     init_state=init_state,
     update=update,
+    foreach_update=foreach_update,
     fused_flags=fused_flags,
     fused_kernel=fused_kernel,
     fused_update=fused_update,
