@@ -1,8 +1,20 @@
-"""Adagrad, as ``torch.optim.Adagrad`` computes it on CPU (``_single_tensor_adagrad``).
+"""Adagrad, as ``torch.optim.Adagrad`` computes it (``_single_tensor_adagrad`` on CPU).
 
-Torch creates Adagrad's state for every parameter in ``__init__`` (step 0, ``sum`` filled
-with ``initial_accumulator_value``); we create it on the first gradient instead, which
-computes the same thing, and the torch state_dict conversion fills in the rest.
+The update rule, as torch's documentation writes it (lr γ, weight decay λ, initial
+accumulator value τ, lr decay η, eps ε)::
+
+    state_sum_0 ← τ
+    for t = 1, 2, ...:
+        g_t ← ∇θ f_t(θ_{t-1})                 (negated when maximize)
+        γ̃ ← γ / (1 + (t - 1) η)
+        if λ ≠ 0:  g_t ← g_t + λ θ_{t-1}
+        state_sum_t ← state_sum_{t-1} + g_t²
+        θ_t ← θ_{t-1} - γ̃ g_t / (√state_sum_t + ε)
+
+State names: ``sum`` (state_sum), ``step``. γ̃ is computed in Python double from the
+float32 step count, as torch does. Torch creates Adagrad's state for every parameter in
+``__init__`` (step 0, ``sum`` filled with τ); we create it on the first gradient instead,
+which computes the same thing, and the torch state_dict conversion fills in the rest.
 """
 
 from __future__ import annotations

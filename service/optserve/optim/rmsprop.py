@@ -1,8 +1,24 @@
-"""RMSprop, as ``torch.optim.RMSprop`` computes it on CPU (``_single_tensor_rmsprop``).
+"""RMSprop, as ``torch.optim.RMSprop`` computes it (``_single_tensor_rmsprop`` on CPU).
 
-The plain update repeats torch's ops one for one (same ops, same order, same scalars),
-which is what makes it bitwise equal. Torch's CPU default is that single-tensor path:
-``foreach=None`` resolves to False because CPU is not a foreach device.
+The update rule, as torch's documentation writes it (lr γ, alpha α, eps ε, weight decay λ,
+momentum μ; v, b, g_ave start at 0)::
+
+    for t = 1, 2, ...:
+        g_t ← ∇θ f_t(θ_{t-1})                 (negated when maximize)
+        if λ ≠ 0:     g_t ← g_t + λ θ_{t-1}
+        v_t ← α v_{t-1} + (1 - α) g_t²
+        ṽ_t ← v_t
+        if centered:  g_ave_t ← α g_ave_{t-1} + (1 - α) g_t
+                      ṽ_t ← ṽ_t - g_ave_t²
+        if μ > 0:     b_t ← μ b_{t-1} + g_t / (√ṽ_t + ε)
+                      θ_t ← θ_{t-1} - γ b_t
+        else:         θ_t ← θ_{t-1} - γ g_t / (√ṽ_t + ε)
+
+State names: ``square_avg`` (v), ``grad_avg`` (g_ave), ``momentum_buffer`` (b), ``step``.
+The exact update repeats torch's ops one for one (same ops, same order, same Python
+scalars), block by block on CPU, which is what makes it bitwise equal. Torch's CPU default
+is that single-tensor path: ``foreach=None`` resolves to False because CPU is not a
+foreach device; on CUDA it is the multi-tensor path, which ``foreach_update`` calls.
 """
 
 from __future__ import annotations

@@ -1,6 +1,19 @@
-"""SGD, as ``torch.optim.SGD`` computes it on CPU (``_single_tensor_sgd``).
+"""SGD, as ``torch.optim.SGD`` computes it (``_single_tensor_sgd`` on CPU).
 
-SGD keeps state only with momentum: ``momentum_buffer`` starts as a copy of the first
+The update rule, as torch's documentation writes it (lr γ, weight decay λ, momentum μ,
+dampening τ)::
+
+    for t = 1, 2, ...:
+        g_t ← ∇θ f_t(θ_{t-1})                 (negated when maximize)
+        if λ ≠ 0:  g_t ← g_t + λ θ_{t-1}
+        if μ ≠ 0:
+            if t > 1:  b_t ← μ b_{t-1} + (1 - τ) g_t
+            else:      b_t ← g_t
+            if nesterov:  g_t ← g_t + μ b_t
+            else:         g_t ← b_t
+        θ_t ← θ_{t-1} - γ g_t
+
+SGD keeps state only with momentum: ``momentum_buffer`` (b) starts as a copy of the first
 (decayed, sign-adjusted) gradient, as in torch, including when momentum is switched on later.
 """
 
