@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
 BLOCK_BYTES = 1 << 20
@@ -47,6 +48,14 @@ def blockable(param: Tensor, *state: Tensor | None) -> bool:
                 or not t.is_contiguous()):
             return False
     return True
+
+
+def scratch(param: Tensor) -> Tensor | None:
+    """One block of working memory for an op's result (``out=``), reused block after block
+    so the temporaries torch allocates per tensor neither allocate nor leave the cache."""
+    if not blockable(param):
+        return None
+    return torch.empty(block_numel(param), dtype=param.dtype)
 
 
 def blocks(param: Tensor, grad: Tensor, *state: Tensor | None

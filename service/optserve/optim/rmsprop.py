@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, flat_opt, new_step
-from .exact import blocks
+from .exact import blocks, scratch
 from .hyperparams import RMSpropHyperparams
 
 
@@ -65,13 +65,16 @@ def update(param: Tensor, grad: Tensor, st: ParamState, hp: RMSpropHyperparams) 
     st["step"] += 1
     ga = st["grad_avg"] if hp.centered else None
     buf = st["momentum_buffer"] if hp.momentum > 0 else None
+    tmp = scratch(param)
     for p, g, sa, gav, b in blocks(param, grad, st["square_avg"], ga, buf):
-        _ops(p, g, sa, gav, b, hp)  # type: ignore[arg-type]
+        out = None if tmp is None else tmp[:p.numel()]  # type: ignore[union-attr]
+        _ops(p, g, sa, gav, b, hp, out)  # type: ignore[arg-type]
 
 
 def _ops(param: Tensor, grad: Tensor, square_avg: Tensor, grad_avg: Tensor | None,
-         buf: Tensor | None, hp: RMSpropHyperparams) -> None:
-    """torch's loop body after ``step += 1``: same ops, same order, same Python scalars."""
+         buf: Tensor | None, hp: RMSpropHyperparams, out: Tensor | None) -> None:
+    """torch's loop body after ``step += 1``: same ops, same order, same Python scalars
+    (``avg`` goes to ``out`` when given: the same kernel, minus an allocation)."""
     lr, alpha, eps = hp.lr, hp.alpha, hp.eps
     grad = grad if not hp.maximize else -grad
 
@@ -82,9 +85,9 @@ def _ops(param: Tensor, grad: Tensor, square_avg: Tensor, grad_avg: Tensor | Non
 
     if grad_avg is not None:
         grad_avg.lerp_(grad, 1 - alpha)
-        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        avg = torch.addcmul(square_avg, grad_avg, grad_avg, value=-1, out=out).sqrt_()
     else:
-        avg = square_avg.sqrt()
+        avg = torch.sqrt(square_avg, out=out)
     avg = avg.add_(eps)
 
     if buf is not None:
