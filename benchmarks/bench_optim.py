@@ -25,7 +25,7 @@ from _common import ROOT, cpu_model
 from optserve import optim
 
 sys.path.insert(0, str(ROOT / "tests"))
-from optim_cases import ROWS, make_grads, make_params, norm_rel_err, run_torch  # noqa: E402
+from optim_cases import ROWS, make_grads, make_params, norm_rel_err, run_torch
 
 CONFIGS: dict[str, dict[str, object]] = {
     "plain": {},
