@@ -1,9 +1,12 @@
-"""RMSprop step time: torch.optim.RMSprop (its CPU default) vs optserve plain vs optserve fused.
+"""RMSprop step time: torch.optim.RMSprop (its CPU default) vs optserve exact vs compiled.
 
 Prints a markdown table (median ms per step and speed-ups over torch) and the machine.
-The three contenders are timed round-robin, so load from neighbours hits all of them alike.
+The contenders are timed round-robin, so load from neighbours hits all of them alike.
+``--tolerance`` instead measures the compiled kernel's error against torch for every
+optimizer and option row of the conformance tests (the README's Exactness numbers).
 
     python benchmarks/bench_optim.py [--sizes 1e4 1e6 1e7] [--budget 2.0]
+    python benchmarks/bench_optim.py --tolerance [--steps 50] [--numel 100000]
 """
 
 from __future__ import annotations
@@ -12,13 +15,17 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
-from _common import cpu_model
+from _common import ROOT, cpu_model
 
 from optserve import optim
+
+sys.path.insert(0, str(ROOT / "tests"))
+from optim_cases import ROWS, make_grads, make_params, norm_rel_err, run_torch
 
 CONFIGS: dict[str, dict[str, object]] = {
     "plain": {},
@@ -55,28 +62,74 @@ def bench(numel: int, hp_values: dict[str, object], budget_s: float) -> dict[str
 
     tparam = torch.nn.Parameter(init.clone())
     topt = torch.optim.RMSprop([tparam], **hp.torch_kwargs())
-    plain_p, fused_p = {"w": init.clone()}, {"w": init.clone()}
-    plain_s: dict[str, dict[str, torch.Tensor]] = {}
-    fused_s: dict[str, dict[str, torch.Tensor]] = {}
-    counter = {"torch": 0, "plain": 0, "fused": 0}
+    params = {k: {"w": init.clone()} for k in ("exact", "compiled")}
+    states: dict[str, dict[str, dict[str, torch.Tensor]]] = {"exact": {}, "compiled": {}}
+    counter = {"torch": 0, "exact": 0, "compiled": 0}
 
     def torch_step() -> None:
         tparam.grad = grads[counter["torch"] % 2]
         counter["torch"] += 1
         topt.step()
 
-    def plain_step() -> None:
-        optim.step(opt, plain_p, {"w": grads[counter["plain"] % 2]}, plain_s, hp)
-        counter["plain"] += 1
-
-    def fused_step() -> None:
-        optim.step(opt, fused_p, {"w": grads[counter["fused"] % 2]}, fused_s, hp, fused=True)
-        counter["fused"] += 1
+    def ours(kernel: optim.KernelName) -> Callable[[], None]:
+        def run() -> None:
+            optim.step(opt, params[kernel], {"w": grads[counter[kernel] % 2]}, states[kernel],
+                       hp, kernel=kernel)
+            counter[kernel] += 1
+        return run
 
     if not optim.warmup(opt, hp, torch.float32):
-        raise SystemExit("torch.compile is not available here (or OPTSERVE_FUSED=off)")
-    return time_round_robin({"torch": torch_step, "plain": plain_step, "fused": fused_step},
-                            budget_s)
+        raise SystemExit("torch.compile is not available here")
+    return time_round_robin({"torch": torch_step, "exact": ours("exact"),
+                             "compiled": ours("compiled")}, budget_s)
+
+
+def speed(sizes: list[float], budget: float) -> None:
+    """The markdown speed table."""
+    print("| config | elements | torch.optim.RMSprop ms | optserve exact ms "
+          "| optserve compiled ms | exact speed-up | compiled speed-up |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for cname, values in CONFIGS.items():
+        for size in sizes:
+            n = int(size)
+            r = bench(n, values, budget)
+            print(f"| {cname} | {n:.0e} | {r['torch'] * 1e3:.3f} | {r['exact'] * 1e3:.3f} "
+                  f"| {r['compiled'] * 1e3:.3f} | {r['torch'] / r['exact']:.2f}x "
+                  f"| {r['torch'] / r['compiled']:.2f}x |", flush=True)
+
+
+def tolerance(steps: int, numel: int) -> None:
+    """The compiled kernel against torch, per row: worst norm-relative error over param and
+    state tensors, and the element-wise errors (relative over elements with |torch| >= 1e-3
+    of the tensor's largest, absolute everywhere)."""
+    print(f"{steps} steps, {numel} elements, gradients 1e-3..1e2\n")
+    print("| optimizer | row | dtype | max norm-rel err | max elem rel err | max abs err "
+          "| worst tensor |")
+    print("| --- | --- | --- | ---: | ---: | ---: | --- |")
+    for dtype in (torch.float32, torch.float64):
+        init = make_params({"w": (numel,)}, dtype, seed=1)
+        grads = make_grads({"w": (numel,)}, dtype, seed=2, steps=steps)
+        for name, rows in ROWS.items():
+            opt = optim.get_optimizer(name)
+            for row, hp in rows.items():
+                model = opt.hyperparams.model_validate(hp)
+                params = {"w": init["w"].clone()}
+                state: dict[str, dict[str, torch.Tensor]] = {}
+                for g in grads:
+                    optim.step(opt, params, g, state, model, kernel="compiled")
+                tp, ts = run_torch(opt, hp, init, grads)
+                pairs = [("param", params["w"], tp["w"])] + [
+                    (k, v, ts["w"][k]) for k, v in state.get("w", {}).items() if k != "step"]
+                worst = max(pairs, key=lambda x: norm_rel_err(x[1], x[2]))
+                nre = norm_rel_err(worst[1], worst[2])
+                ere, abse = 0.0, 0.0
+                for _, a, b in pairs:
+                    d = (a.double() - b.double()).abs()
+                    big = b.double().abs() >= 1e-3 * float(b.double().abs().max())
+                    ere = max(ere, float((d[big] / b.double().abs()[big]).max()))
+                    abse = max(abse, float(d.max()))
+                print(f"| {name} | {row} | {str(dtype)[6:]} | {nre:.2e} | {ere:.2e} "
+                      f"| {abse:.2e} | {worst[0]} |", flush=True)
 
 
 def main() -> None:
@@ -85,21 +138,19 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e4, 1e6, 1e7])
     ap.add_argument("--budget", type=float, default=2.0,
                     help="seconds of timing per (config, size)")
+    ap.add_argument("--tolerance", action="store_true",
+                    help="measure the compiled kernel's error against torch instead")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--numel", type=int, default=100_000)
     args = ap.parse_args()
 
     print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"Python {platform.python_version()}\n")
-    print("| config | elements | torch.optim.RMSprop ms | optserve plain ms "
-          "| optserve fused ms | fused speed-up | plain speed-up |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for cname, values in CONFIGS.items():
-        for size in args.sizes:
-            n = int(size)
-            r = bench(n, values, args.budget)
-            print(f"| {cname} | {n:.0e} | {r['torch'] * 1e3:.3f} | {r['plain'] * 1e3:.3f} "
-                  f"| {r['fused'] * 1e3:.3f} | {r['torch'] / r['fused']:.2f}x "
-                  f"| {r['torch'] / r['plain']:.2f}x |", flush=True)
+    if args.tolerance:
+        tolerance(args.steps, args.numel)
+    else:
+        speed(args.sizes, args.budget)
 
 
 if __name__ == "__main__":

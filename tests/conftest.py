@@ -73,16 +73,16 @@ def start_thread_server(**settings: Any) -> ThreadServer:
 
 @pytest.fixture(scope="session")
 def live_server(redis_url: str) -> Iterator[str]:
-    """Base URL of an open (no API keys) optserve on the real HTTP stack, plain-path math."""
-    srv = start_thread_server(redis_url=redis_url, fused="off", lock_timeout_s=5.0)
+    """Base URL of an open (no API keys) optserve on the real HTTP stack, the exact kernel."""
+    srv = start_thread_server(redis_url=redis_url, kernel="exact", lock_timeout_s=5.0)
     yield srv.url
     srv.stop()
 
 
 @pytest.fixture(scope="session")
 def fused_server(redis_url: str) -> Iterator[str]:
-    """The same, with the torch.compile'd fused update."""
-    srv = start_thread_server(redis_url=redis_url, fused="on", lock_timeout_s=5.0)
+    """The same, with the opt-in torch.compile'd kernel."""
+    srv = start_thread_server(redis_url=redis_url, kernel="compiled", lock_timeout_s=5.0)
     yield srv.url
     srv.stop()
 
@@ -90,7 +90,7 @@ def fused_server(redis_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def keyed_server(redis_url: str) -> Iterator[str]:
     """A server with two tenants: alice (key ka) and bob (key kb)."""
-    srv = start_thread_server(redis_url=redis_url, fused="off", api_keys="alice:ka,bob:kb")
+    srv = start_thread_server(redis_url=redis_url, kernel="exact", api_keys="alice:ka,bob:kb")
     yield srv.url
     srv.stop()
 
@@ -124,7 +124,7 @@ def make_server(redis_url: str) -> Iterator[Any]:
 
     def start(**env: Any) -> ProcessServer:
         port = free_port()
-        full = {**os.environ, "OPTSERVE_REDIS_URL": redis_url, "OPTSERVE_FUSED": "off",
+        full = {**os.environ, "OPTSERVE_REDIS_URL": redis_url, "OPTSERVE_KERNEL": "exact",
                 "OPTSERVE_LOG_LEVEL": "warning"}
         full.update({f"OPTSERVE_{k.upper()}": str(v) for k, v in env.items()})
         proc = subprocess.Popen(

@@ -1,170 +1,35 @@
-"""optserve.optim against torch.optim itself: the plain path bitwise, the fused path closely.
+"""optserve.optim's default (exact) path against torch.optim itself: bitwise, every row.
 
 Every expected value comes from running the matching ``torch.optim`` class on the same
-inputs (no hard-coded numbers). Tensors are small so the whole file stays fast; fused rows
-are a subset that still covers every structural flag, because each flag set compiles.
+inputs (no hard-coded numbers), compared with ``torch.equal`` (``rtol = atol = 0``). Small
+tensors run 100 steps; tensors above 65,536 elements and around the exact path's block size
+(odd sizes, block + 1, ...) run a few steps, so the whole file stays within seconds.
+The compiled kernel has its own file (``test_optim_compiled.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import pytest
 import torch
+from optim_cases import (
+    ALL_FLAGS,
+    ALL_ROWS,
+    ROWS,
+    SHAPES,
+    Grads,
+    assert_same,
+    make_grads,
+    make_params,
+    run_ours,
+    run_torch,
+)
 from torch import Tensor
 
 from optserve import optim
-from optserve.optim import fused as fused_mod
-
-STEPS = 100
-SHAPES: dict[str, tuple[int, ...]] = {"w": (3, 5), "b": (7,)}
-Grads = dict[str, Tensor | None]
-
-RMSPROP_ROWS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "lr1e-3": {"lr": 1e-3},
-    "wd": {"weight_decay": 0.1},
-    "maximize": {"maximize": True},
-    "wd+centered": {"weight_decay": 0.1, "centered": True},
-    "maximize+wd": {"maximize": True, "weight_decay": 0.1},
-    "wd+centered+momentum": {"weight_decay": 0.1, "centered": True, "momentum": 0.1},
-    "wd+centered+momentum+maximize": {
-        "weight_decay": 0.1, "centered": True, "momentum": 0.1, "maximize": True,
-    },
-    "alpha0.9+eps1e-2": {"alpha": 0.9, "eps": 1e-2},
-    "alpha0.9+momentum0.9": {"alpha": 0.9, "momentum": 0.9},
-}
-ADAGRAD_ROWS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "lr_decay": {"lr_decay": 0.01},
-    "initial_accumulator_value": {"initial_accumulator_value": 0.1},
-    "wd": {"weight_decay": 0.1},
-    "maximize": {"maximize": True},
-    "all": {"lr": 0.05, "lr_decay": 0.001, "initial_accumulator_value": 0.5,
-            "weight_decay": 0.1, "maximize": True, "eps": 1e-6},
-}
-SGD_ROWS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "momentum": {"momentum": 0.9},
-    "momentum+dampening": {"momentum": 0.9, "dampening": 0.5},
-    "nesterov": {"momentum": 0.9, "nesterov": True},
-    "wd": {"weight_decay": 0.1},
-    "maximize": {"maximize": True},
-    "all": {"lr": 0.01, "momentum": 0.5, "nesterov": True, "weight_decay": 0.1,
-            "maximize": True},
-}
-ROWS = {"rmsprop": RMSPROP_ROWS, "adagrad": ADAGRAD_ROWS, "sgd": SGD_ROWS}
-ALL_ROWS = [(o, r) for o, rows in ROWS.items() for r in rows]
-
-# Fused: a subset per optimizer that still switches every structural flag on and off.
-FUSED_CASES = [
-    ("rmsprop", "default", torch.float32),
-    ("rmsprop", "default", torch.float64),
-    ("rmsprop", "wd+centered+momentum+maximize", torch.float32),
-    ("rmsprop", "wd+centered+momentum+maximize", torch.float64),
-    ("rmsprop", "alpha0.9+momentum0.9", torch.float32),
-    ("rmsprop", "wd+centered", torch.float32),
-    ("adagrad", "all", torch.float32),
-    ("adagrad", "lr_decay", torch.float64),
-    ("sgd", "default", torch.float32),
-    ("sgd", "all", torch.float32),
-    ("sgd", "momentum+dampening", torch.float64),
-]
-# Rows other fused tests reuse, so they share compiled kernels with FUSED_CASES.
-FUSED_SHARED = {"rmsprop": RMSPROP_ROWS["wd+centered+momentum+maximize"],
-                "adagrad": ADAGRAD_ROWS["all"], "sgd": SGD_ROWS["all"]}
-FUSED_TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6},
-             torch.float64: {"rtol": 1e-12, "atol": 1e-14}}
-
-
-@pytest.fixture(autouse=True)
-def _fuse_small_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our tensors are tiny; by default those take the plain path even with fused=True."""
-    monkeypatch.setattr(fused_mod, "FUSED_MIN_NUMEL", 2)
-
-
-# --------------------------------------------------------------------------------------
-# helpers
-
-
-def make_params(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype,
-                seed: int) -> dict[str, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)
-            for n, s in shapes.items()}
-
-
-def make_grads(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, seed: int,
-               steps: int = STEPS) -> list[Grads]:
-    """Random signs times 10**uniform(-3, 2): magnitudes across five decades."""
-    gen = torch.Generator().manual_seed(seed)
-    seq: list[Grads] = []
-    for _ in range(steps):
-        grads: Grads = {}
-        for n, s in shapes.items():
-            sign = torch.randint(0, 2, s, generator=gen).to(torch.float64) * 2 - 1
-            mag = 10.0 ** (torch.rand(s, generator=gen, dtype=torch.float64) * 5 - 3)
-            grads[n] = (sign * mag).to(dtype)
-        seq.append(grads)
-    return seq
-
-
-def run_torch(opt: optim.OptimizerDef, hp: dict[str, Any], init: Mapping[str, Tensor],
-              grad_seq: list[Grads]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
-    """Run ``torch.optim.<X>`` with its CPU defaults over the same gradients."""
-    names = list(init)
-    ps = {n: torch.nn.Parameter(init[n].clone()) for n in names}
-    topt = opt.torch_class([ps[n] for n in names], **hp)
-    for grads in grad_seq:
-        for n in names:
-            g = grads.get(n)
-            ps[n].grad = None if g is None else g.to(ps[n].dtype)
-        topt.step()
-    state = {n: dict(topt.state[ps[n]]) for n in names if len(topt.state[ps[n]])}
-    return {n: p.detach() for n, p in ps.items()}, state
-
-
-def run_ours(opt: optim.OptimizerDef, hp: dict[str, Any], init: Mapping[str, Tensor],
-             grad_seq: list[Grads], *, fused: bool = False
-             ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
-    params = {n: t.clone() for n, t in init.items()}
-    state: dict[str, dict[str, Tensor]] = {}
-    model = opt.hyperparams.model_validate(hp)
-    for grads in grad_seq:
-        optim.step(opt, params, grads, state, model, fused=fused)
-    return params, state
-
-
-def assert_same(opt: optim.OptimizerDef, hp: dict[str, Any],
-                ours: tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]],
-                theirs: tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]],
-                tol: dict[str, float] | None = None) -> None:
-    """Params, every state tensor and ``step``: bitwise (tol None) or within ``tol``."""
-    (p1, s1), (p2, s2) = ours, theirs
-
-    def check(a: Tensor, b: Tensor, what: str) -> None:
-        assert a.dtype == b.dtype and a.shape == b.shape, what
-        if tol is None:
-            assert torch.equal(a, b), f"{what}: max diff {(a - b).abs().max()}"
-        else:
-            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what}: {m}")
-
-    assert p1.keys() == p2.keys()
-    for n in p1:
-        check(p1[n], p2[n], f"param {n}")
-    if opt.eager_state:  # torch made state for never-stepped params in __init__
-        model = opt.hyperparams.model_validate(hp)
-        s1 = {n: s1.get(n) or opt.init_state(p1[n], model) for n in p1}
-    assert s1.keys() == s2.keys()
-    for n in s1:
-        assert s1[n].keys() == s2[n].keys(), n
-        for k in s1[n]:
-            if k == "step":  # counts are exact on every path
-                assert s1[n][k].dtype == torch.float32 and s1[n][k].dim() == 0
-                assert torch.equal(s1[n][k], s2[n][k]), f"{n}.step"
-            else:
-                check(s1[n][k], s2[n][k], f"state {n}.{k}")
+from optserve.optim import exact
 
 
 def _opt(name: str) -> optim.OptimizerDef:
@@ -172,7 +37,7 @@ def _opt(name: str) -> optim.OptimizerDef:
 
 
 # --------------------------------------------------------------------------------------
-# plain path: bitwise
+# exact path: bitwise
 
 
 def test_torch_cpu_default_is_single_tensor() -> None:
@@ -216,16 +81,15 @@ def test_missing_gradients(name: str) -> None:
         assert ours[1]["w"]["step"].item() == 20 and ours[1]["b"]["step"].item() == 22
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("name", list(ROWS))
-def test_zero_dim_and_empty(name: str, fused: bool) -> None:
+def test_zero_dim_and_empty(name: str) -> None:
     opt = _opt(name)
     hp = {"rmsprop": {"momentum": 0.9, "centered": True}, "adagrad": {"weight_decay": 0.1},
           "sgd": {"momentum": 0.9, "nesterov": True}}[name]
     shapes: dict[str, tuple[int, ...]] = {"s": (), "one": (1,), "e": (0,), "e2": (0, 3)}
     init = make_params(shapes, torch.float32, seed=5)
     grads = make_grads(shapes, torch.float32, seed=6, steps=10)
-    assert_same(opt, hp, run_ours(opt, hp, init, grads, fused=fused),
+    assert_same(opt, hp, run_ours(opt, hp, init, grads),
                 run_torch(opt, hp, init, grads))
 
 
@@ -233,7 +97,7 @@ def test_zero_dim_and_empty(name: str, fused: bool) -> None:
 def test_non_contiguous_gradients(name: str) -> None:
     """Transposed/strided gradients: same values as torch given the very same tensors."""
     opt = _opt(name)
-    hp = FUSED_SHARED[name]
+    hp = ALL_FLAGS[name]
     shapes = {"w": (4, 6), "v": (5,)}
     init = make_params(shapes, torch.float32, seed=7)
     base = make_grads({"w": (6, 4), "v": (10,)}, torch.float32, seed=8, steps=20)
@@ -244,9 +108,6 @@ def test_non_contiguous_gradients(name: str) -> None:
         grads.append({"w": w.t(), "v": v[::2]})
     assert not grads[0]["w"].is_contiguous()  # type: ignore[union-attr]
     assert_same(opt, hp, run_ours(opt, hp, init, grads), run_torch(opt, hp, init, grads))
-    ours_fused = run_ours(opt, hp, init, grads, fused=True)
-    assert_same(opt, hp, ours_fused, run_torch(opt, hp, init, grads),
-                tol=FUSED_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -348,99 +209,89 @@ def test_centered_nan_matches_torch() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# fused path: close to torch, exact step counts, compiled once
+# exact path at sizes that block: above 65,536 elements and around the block size
+
+BIG_STEPS = 3  # SGD: the buffer's first step (a copy) and later ones
 
 
-@pytest.mark.parametrize(("name", "row", "dtype"), FUSED_CASES,
-                         ids=[f"{o}-{r}-{str(d)[6:]}" for o, r, d in FUSED_CASES])
-def test_fused_close(name: str, row: str, dtype: torch.dtype) -> None:
+def big_shapes(dtype: torch.dtype) -> dict[str, tuple[int, ...]]:
+    """Odd sizes over 65,536 elements (where the old default compiled): one block + 1, and
+    two blocks with a ragged end. The block size is in bytes, so it depends on the dtype."""
+    block = exact.block_numel(torch.empty(0, dtype=dtype))
+    return {"w": (block + 1,), "v": (2 * block + 7,)}
+
+
+@lru_cache(maxsize=2)
+def _big_inputs(dtype: torch.dtype) -> tuple[dict[str, Tensor], list[Grads]]:
+    shapes = big_shapes(dtype)
+    return (make_params(shapes, dtype, seed=31),
+            make_grads(shapes, dtype, seed=32, steps=BIG_STEPS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(("name", "row"), ALL_ROWS, ids=[f"{o}-{r}" for o, r in ALL_ROWS])
+def test_exact_bitwise_big(name: str, row: str, dtype: torch.dtype) -> None:
     opt, hp = _opt(name), ROWS[name][row]
-    init = make_params(SHAPES, dtype, seed=15)
-    grads = make_grads(SHAPES, dtype, seed=16)
-    assert optim.warmup(opt, opt.hyperparams.model_validate(hp), dtype) or (
-        optim.fused_mode() == "off")
-    assert_same(opt, hp, run_ours(opt, hp, init, grads, fused=True),
-                run_torch(opt, hp, init, grads), tol=FUSED_TOL[dtype])
+    init, grads = _big_inputs(dtype)
+    assert all(t.numel() > 65_536 and t.numel() % 2 for t in init.values())
+    assert_same(opt, hp, run_ours(opt, hp, init, grads), run_torch(opt, hp, init, grads))
 
 
-def test_fused_compiles_once_across_lr_and_shapes() -> None:
-    """A new lr every step (a scheduler) and new shapes reuse the same compiled code."""
-    if optim.fused_mode() == "off":
-        pytest.skip("OPTSERVE_FUSED=off")
-    from torch._dynamo.utils import counters
-
-    opt = _opt("rmsprop")
-    base = {"momentum": 0.9}
-    assert optim.warmup(opt, opt.hyperparams.model_validate(base))
-    graphs = counters["stats"]["unique_graphs"]
-    shapes = {"a": (3, 4), "b": (5, 2, 3), "c": (17,), "d": (1000,)}
-    params = make_params(shapes, torch.float32, seed=17)
-    state: dict[str, dict[str, Tensor]] = {}
-    for i, g in enumerate(make_grads(shapes, torch.float32, seed=18, steps=8)):
-        hp = opt.hyperparams.model_validate({**base, "lr": 0.01 / (i + 1)})
-        optim.step(opt, params, g, state, hp, fused=True)
-    assert counters["stats"]["unique_graphs"] == graphs
-    assert all(st["step"].item() == 8 for st in state.values())
+def test_blocking_really_happens() -> None:
+    """The big sizes do take the blocked path (and small or strided ones do not)."""
+    block = exact.block_numel(torch.empty(0))
+    big = torch.zeros(block + 1)
+    assert exact.blockable(big, torch.zeros(block + 1), None)
+    assert len(list(exact.blocks(big, big.clone(), big.clone()))) == 2
+    assert not exact.blockable(torch.zeros(block))
+    assert not exact.blockable(torch.zeros(2, block).t())
+    assert not exact.blockable(big, torch.zeros(block + 1, dtype=torch.float64))
 
 
-def test_fused_small_tensors_are_plain(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under FUSED_MIN_NUMEL elements, fused=True runs the plain ops: bitwise equal."""
-    monkeypatch.setattr(fused_mod, "FUSED_MIN_NUMEL", 16)
-    opt, hp = _opt("rmsprop"), FUSED_SHARED["rmsprop"]
-    init = make_params(SHAPES, torch.float32, seed=25)  # 15 and 7 elements
-    grads = make_grads(SHAPES, torch.float32, seed=26, steps=20)
-    assert optim.warmup(opt, opt.hyperparams.model_validate(hp)) or (
-        optim.fused_mode() == "off")
-    assert_same(opt, hp, run_ours(opt, hp, init, grads, fused=True),
-                run_torch(opt, hp, init, grads))
+@pytest.mark.parametrize("name", list(ROWS))
+def test_exact_non_contiguous_big(name: str) -> None:
+    """A transposed parameter over the block size: whole-tensor ops, still bitwise."""
+    opt, hp = _opt(name), ALL_FLAGS[name]
+    block = exact.block_numel(torch.empty(0))
+    shape = (3, block // 2 + 1)
+    init = {"w": make_params({"w": shape[::-1]}, torch.float32, seed=33)["w"].t()}
+    grads = make_grads({"w": shape}, torch.float32, seed=34, steps=3)
+    assert not init["w"].is_contiguous()
+    assert_same(opt, hp, run_ours(opt, hp, init, grads), run_torch(opt, hp, init, grads))
 
 
-def test_fused_off_is_plain(monkeypatch: pytest.MonkeyPatch) -> None:
-    """OPTSERVE_FUSED=off: fused=True runs the plain ops, bitwise equal to torch."""
-    monkeypatch.setenv("OPTSERVE_FUSED", "off")
-    opt, hp = _opt("rmsprop"), RMSPROP_ROWS["wd+centered+momentum"]
-    init = make_params(SHAPES, torch.float32, seed=19)
-    grads = make_grads(SHAPES, torch.float32, seed=20, steps=20)
-    assert not optim.warmup(opt, opt.hyperparams.model_validate(hp))
-    assert_same(opt, hp, run_ours(opt, hp, init, grads, fused=True),
-                run_torch(opt, hp, init, grads))
+def test_service_default_is_bitwise_above_65536(redis_url: str) -> None:
+    """The service's default settings (which used to compile at this size) are torch's bits,
+    through the real HTTP stack: centered RMSprop with momentum, 10 steps of 100,000."""
+    import httpx
 
+    from optserve.optim import fused
 
-def test_set_fused_mode_overrides_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPTSERVE_FUSED", "on")
+    from conftest import start_thread_server
+    from helpers import create, decode, step
+
+    srv = start_thread_server(redis_url=redis_url)
     try:
-        optim.set_fused_mode("off")
-        assert optim.fused_mode() == "off"
-        assert not optim.warmup(optim.get_optimizer("sgd"), optim.SGDHyperparams())
+        assert srv.app.state.engine.kernel == "exact"
+        calls = fused.calls
+        n = 100_000
+        gen = torch.Generator().manual_seed(35)
+        w0 = torch.randn(n, generator=gen)
+        hp: dict[str, Any] = {"lr": 0.01, "alpha": 0.9, "momentum": 0.9, "centered": True}
+        local = torch.nn.Parameter(w0.clone())
+        topt = torch.optim.RMSprop([local], **hp)
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            s = create(c, {"w": w0}, hyperparams=hp)
+            for _ in range(10):
+                g = torch.randn(n, generator=gen) * 10
+                local.grad = g.clone()
+                topt.step()
+                r = step(c, s["id"], {"w": g})
+                assert r.status_code == 200, r.text
+            assert torch.equal(decode(r)["w"], local.detach())
+        assert fused.calls == calls
     finally:
-        optim.set_fused_mode(None)
-    assert optim.fused_mode() == "on"
-    with pytest.raises(ValueError):
-        optim.set_fused_mode("maybe")  # type: ignore[arg-type]
-
-
-def test_fused_compile_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    """auto: a failing compile falls back to plain ops; on: it raises."""
-    monkeypatch.setattr(fused_mod, "_KERNELS", {})
-
-    def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(torch, "compile", broken)
-    opt, hp = _opt("adagrad"), ADAGRAD_ROWS["all"]
-    init = make_params(SHAPES, torch.float32, seed=21)
-    grads = make_grads(SHAPES, torch.float32, seed=22, steps=10)
-    monkeypatch.setenv("OPTSERVE_FUSED", "auto")
-    assert_same(opt, hp, run_ours(opt, hp, init, grads, fused=True),
-                run_torch(opt, hp, init, grads))
-    monkeypatch.setenv("OPTSERVE_FUSED", "on")
-    params = {n: t.clone() for n, t in init.items()}
-    with pytest.raises(RuntimeError, match="failed earlier"):
-        optim.step(opt, params, grads[0], {}, opt.hyperparams.model_validate(hp), fused=True)
-    assert all(torch.equal(params[n], init[n]) for n in init)  # raised before any change
-    monkeypatch.setattr(fused_mod, "_KERNELS", {})
-    with pytest.raises(RuntimeError, match="no compiler"):
-        run_ours(opt, hp, init, grads, fused=True)
+        srv.stop()
 
 
 # --------------------------------------------------------------------------------------

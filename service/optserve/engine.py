@@ -83,13 +83,13 @@ class Engine:
         self.store = store
         self.settings = settings
         self.device = settings.torch_device()
-        self.fused = settings.fused != "off"
+        self.kernel: optim.KernelName = settings.kernel
         self.cache = TensorCache(settings.cache_bytes)
         self._warmed: set[tuple[Any, ...]] = set()
 
     def warm(self, meta: SessionMeta) -> None:
-        """Compile the session's fused kernel in the background, off the first step's path."""
-        if not self.fused or optim.fused_mode() == "off":
+        """Compile the session's kernel in the background, off the first step's path."""
+        if self.kernel != "compiled":
             return
         from .optim import fused
 
@@ -276,9 +276,9 @@ class Engine:
         with torch.no_grad():
             grad_norm = _norm(tgrads.values())
             update_sq = optim.step(opt, loaded.params, tgrads, loaded.state, hp,
-                                   fused=self.fused, track_update=True)
+                                   kernel=self.kernel, track_update=True)
             # The old parameters are finite, so a finite update norm proves the new ones are:
-            # the norm (from the fused kernel's own pass) serves as the check.
+            # the norm (from the compiled kernel's own pass) serves as the check.
             update_norm: float | None = math.sqrt(sum(update_sq.values()))
             if not math.isfinite(update_norm) or not _accumulators_finite(opt, loaded, touched):
                 self._refuse_non_finite(loaded, tgrads, touched)  # exact; this path is rare

@@ -51,8 +51,8 @@ def local_service(*, timeout: float = 60.0, log_level: str = "warning",
     """Start redis-server (temporary data dir) and the app on a free loopback port; yield
     the base URL; stop both on exit.
 
-    ``settings`` are extra `Settings` fields; the fused (torch.compile) path is off by
-    default because compiling costs more than toy-sized demos ever save.
+    ``settings`` are extra `Settings` fields; the kernel is the exact default (compiling
+    costs more than toy-sized demos ever save).
     """
     import uvicorn
 
@@ -67,7 +67,7 @@ def local_service(*, timeout: float = 60.0, log_level: str = "warning",
         with tempfile.TemporaryDirectory(prefix="optserve-local-") as data_dir, \
                 EmbeddedRedis(data_dir=data_dir) as redis:
             try:
-                options = {"fused": "off", "log_level": log_level, **settings}
+                options = {"kernel": "exact", "log_level": log_level, **settings}
                 app = create_app(Settings(redis_url=redis.url, **options))
                 port = free_port()
                 config = uvicorn.Config(app, host="127.0.0.1", port=port,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("optserve")
@@ -25,8 +26,13 @@ class Settings(BaseSettings):
         None, description="The redis-server `optserve serve` runs (unset: the newest found)."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    fused: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile'd one-pass update (auto: when compiling works)."
+    kernel: Literal["exact", "compiled"] = Field(
+        "exact",
+        description="exact: bitwise equal to torch.optim (torch's own ops, blocked for cache); "
+        "compiled: torch.compile'd one-pass update, faster, close but not bitwise.",
+    )
+    fused: Literal["auto", "on", "off"] | None = Field(
+        None, description="Deprecated alias of kernel: on -> compiled, auto/off -> exact."
     )
     max_body_bytes: int = Field(512 * 1024 * 1024, gt=0)
     idempotency_ttl_s: int = Field(86400, gt=0)
@@ -45,6 +51,18 @@ class Settings(BaseSettings):
     offload_numel: int = Field(
         65536, ge=0, description="Steps over more elements than this run off the event loop."
     )
+
+    @model_validator(mode="after")
+    def _fused_alias(self) -> Settings:
+        """Map the deprecated OPTSERVE_FUSED onto kernel (an explicit kernel wins)."""
+        if self.fused is not None:
+            mapped = "compiled" if self.fused == "on" else "exact"
+            warnings.warn(f"OPTSERVE_FUSED / fused={self.fused!r} is deprecated; use "
+                          f"OPTSERVE_KERNEL / kernel={mapped!r}", DeprecationWarning,
+                          stacklevel=2)
+            if "kernel" not in self.model_fields_set:
+                self.kernel = mapped
+        return self
 
     @field_validator("log_level")
     @classmethod

@@ -1,11 +1,13 @@
 """The optimizer math of optserve: pure functions over dicts of named tensors.
 
-No HTTP, no Redis. The plain path is bitwise equal to ``torch.optim`` on CPU; the fused
-path is a ``torch.compile``d one-pass update (see :mod:`optserve.optim.fused`).
+No HTTP, no Redis. The default ``kernel="exact"`` is bitwise equal to ``torch.optim`` on
+the parameters' device (:mod:`optserve.optim.exact`); ``kernel="compiled"`` is a
+``torch.compile``d one-pass update, close but not bitwise (:mod:`optserve.optim.fused`).
 
     opt = get_optimizer("rmsprop")
     hp = opt.hyperparams.model_validate({"lr": 0.01})
-    step(opt, params, grads, state, hp, fused=False)
+    step(opt, params, grads, state, hp)                       # exact
+    step(opt, params, grads, state, hp, kernel="compiled")    # opt-in
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from optserve_client.state import from_torch_state_dict, to_torch_state_dict
 from .base import OptimizerDef, ParamState
 from .core import (
     GRAD_DTYPES,
+    KERNELS,
     OPTIMIZERS,
+    KernelName,
     UnknownOptimizerError,
     all_finite,
     effective_lr,
     get_optimizer,
     step,
 )
-from .fused import fused_mode, set_fused_mode, warmup
+from .fused import warmup
 from .hyperparams import (
     PRESETS,
     AdagradHyperparams,
@@ -34,10 +38,12 @@ from .hyperparams import (
 
 __all__ = [
     "GRAD_DTYPES",
+    "KERNELS",
     "OPTIMIZERS",
     "PRESETS",
     "AdagradHyperparams",
     "Hyperparams",
+    "KernelName",
     "OptimizerDef",
     "ParamState",
     "RMSpropHyperparams",
@@ -46,9 +52,7 @@ __all__ = [
     "all_finite",
     "effective_lr",
     "from_torch_state_dict",
-    "fused_mode",
     "get_optimizer",
-    "set_fused_mode",
     "step",
     "to_torch_state_dict",
     "warmup",

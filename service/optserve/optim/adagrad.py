@@ -1,8 +1,20 @@
-"""Adagrad, as ``torch.optim.Adagrad`` computes it on CPU (``_single_tensor_adagrad``).
+"""Adagrad, as ``torch.optim.Adagrad`` computes it (``_single_tensor_adagrad`` on CPU).
 
-Torch creates Adagrad's state for every parameter in ``__init__`` (step 0, ``sum`` filled
-with ``initial_accumulator_value``); we create it on the first gradient instead, which
-computes the same thing, and the torch state_dict conversion fills in the rest.
+The update rule, as torch's documentation writes it (lr γ, weight decay λ, initial
+accumulator value τ, lr decay η, eps ε)::
+
+    state_sum_0 ← τ
+    for t = 1, 2, ...:
+        g_t ← ∇θ f_t(θ_{t-1})                 (negated when maximize)
+        γ̃ ← γ / (1 + (t - 1) η)
+        if λ ≠ 0:  g_t ← g_t + λ θ_{t-1}
+        state_sum_t ← state_sum_{t-1} + g_t²
+        θ_t ← θ_{t-1} - γ̃ g_t / (√state_sum_t + ε)
+
+State names: ``sum`` (state_sum), ``step``. γ̃ is computed in Python double from the
+float32 step count, as torch does. Torch creates Adagrad's state for every parameter in
+``__init__`` (step 0, ``sum`` filled with τ); we create it on the first gradient instead,
+which computes the same thing, and the torch state_dict conversion fills in the rest.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, new_step
+from .exact import blocks
 from .hyperparams import AdagradHyperparams
 
 
@@ -40,23 +53,38 @@ def _clr(hp: AdagradHyperparams, step: float) -> float:
 
 
 def update(param: Tensor, grad: Tensor, st: ParamState, hp: AdagradHyperparams) -> None:
-    """One step in place; mirrors ``torch.optim.adagrad._single_tensor_adagrad`` (dense)."""
+    """One step in place; ``_single_tensor_adagrad``'s ops (dense), block by block."""
     _complete(param, st, hp)
     step_t = st["step"]
-    state_sum = st["sum"]
-
     step_t += 1
     step = step_t.item()
+    clr = _clr(hp, step)
+    for p, g, s in blocks(param, grad, st["sum"]):
+        _ops(p, g, s, clr, hp)  # type: ignore[arg-type]
+
+
+def _ops(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float,
+         hp: AdagradHyperparams) -> None:
+    """torch's loop body after the step count and ``clr``: same ops, order and scalars."""
     grad = grad if not hp.maximize else -grad
 
     if hp.weight_decay != 0:
         grad = grad.add(param, alpha=hp.weight_decay)
 
-    clr = _clr(hp, step)
-
     state_sum.addcmul_(grad, grad, value=1)
     std = state_sum.sqrt().add_(hp.eps)
     param.addcdiv_(grad, std, value=-clr)
+
+
+def foreach_update(params: list[Tensor], grads: list[Tensor], states: list[ParamState],
+                   hp: AdagradHyperparams) -> None:
+    """torch's multi-tensor Adagrad over all tensors at once, as torch.optim on CUDA."""
+    for param, st in zip(params, states, strict=True):
+        _complete(param, st, hp)
+    torch.optim.adagrad.adagrad(
+        params, grads, [st["sum"] for st in states], [st["step"] for st in states],
+        foreach=True, has_complex=any(torch.is_complex(p) for p in params), lr=hp.lr,
+        weight_decay=hp.weight_decay, lr_decay=hp.lr_decay, eps=hp.eps, maximize=hp.maximize)
 
 
 def fused_flags(hp: AdagradHyperparams) -> tuple[bool, ...]:
@@ -123,6 +151,7 @@ ADAGRAD = OptimizerDef(
     state_keys=("step", "sum"),
     init_state=init_state,
     update=update,
+    foreach_update=foreach_update,
     fused_flags=fused_flags,
     fused_kernel=fused_kernel,
     fused_update=fused_update,

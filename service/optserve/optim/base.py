@@ -3,7 +3,7 @@
 Each optimizer module (``rmsprop``, ``adagrad``, ``sgd``) builds one :class:`OptimizerDef`.
 Everything works per parameter tensor, so the batch functions in ``optserve.optim.core`` only
 loop; a per-tensor loop is also exactly what ``torch.optim`` runs on CPU (the single-tensor
-path), which is what makes the plain path bitwise equal to it.
+path), which is what makes the exact path bitwise equal to it.
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ class OptimizerDef:
     """One optimizer: its hyperparameter model and its per-tensor functions.
 
     - ``init_state(param, hp)``: the state torch would create for a fresh parameter.
-    - ``update(param, grad, state, hp)``: one plain step in place, op for op as torch's
-      single-tensor implementation; creates missing state entries first.
+    - ``update(param, grad, state, hp)``: one exact step in place, op for op as torch's
+      single-tensor implementation (block by block on CPU); creates missing state first.
+    - ``foreach_update(params, grads, states, hp)``: one exact step for several tensors on a
+      non-CPU device, through torch's own multi-tensor (foreach) function, as
+      ``torch.optim`` defaults to there.
     - ``fused_flags(hp)``: the structural switches a compiled kernel is specialised on.
     - ``fused_kernel(flags)``: the per-tensor update written for ``torch.compile``.
     - ``fused_update(kernel, param, grad, state, hp)``: runs ``kernel`` for one tensor; returns
-      False, before changing anything, where the plain path must do this step instead.
+      None, before changing anything, where the exact path must do this step instead.
     - ``effective_lr(hp, state)``: the per-element step size, or None where there is none.
     """
 
@@ -44,6 +47,7 @@ class OptimizerDef:
     state_keys: tuple[str, ...]
     init_state: Callable[[Tensor, Any], ParamState]
     update: Callable[[Tensor, Tensor, ParamState, Any], None]
+    foreach_update: Callable[[list[Tensor], list[Tensor], list[ParamState], Any], None]
     fused_flags: Callable[[Any], tuple[bool, ...]]
     fused_kernel: Callable[[tuple[bool, ...]], Kernel]
     fused_update: Callable[[Kernel, Tensor, Tensor, ParamState, Any], Tensor | None]
@@ -58,7 +62,7 @@ def new_step() -> Tensor:
 
 
 def flat_ok(param: Tensor, *tensors: Tensor | None) -> bool:
-    """Whether the state tensors can be viewed 1-D alongside ``param`` (fused path)."""
+    """Whether the state tensors can be viewed 1-D alongside ``param`` (compiled path)."""
     if not param.is_contiguous():
         return False
     for t in tensors:

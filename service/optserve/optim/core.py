@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -63,43 +63,79 @@ def _prepare(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None]
     return work
 
 
+KERNELS = ("exact", "compiled")
+"""``exact``: torch's own ops, bitwise equal to ``torch.optim`` (default). ``compiled``: the
+``torch.compile``d one-pass update, faster and close but not bitwise (see ``fused``)."""
+
+KernelName = Literal["exact", "compiled"]
+
+
 def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tensor | None],
-         state: dict[str, ParamState], hp: Any, fused: bool = False,
-         track_update: bool = False) -> dict[str, float]:
+         state: dict[str, ParamState], hp: Any, *, kernel: KernelName = "exact",
+         track_update: bool = False, fused: bool | None = None) -> dict[str, float]:
     """One optimizer step, in place, like ``torch.optim.<X>.step()`` with these gradients.
 
     A missing or None gradient leaves its parameter and state alone (no step counted);
-    state is created on a parameter's first gradient. ``fused`` asks for the compiled
-    one-pass update where it is available (see ``optserve.optim.fused``); the plain path is
-    bitwise equal to torch. Gradients are validated before anything changes.
+    state is created on a parameter's first gradient. Gradients are validated before
+    anything changes.
+
+    ``kernel="exact"`` (default) is bitwise equal to what ``torch.optim`` runs by default on
+    the parameter's device: on CPU torch's single-tensor ops, applied block by block (see
+    ``optserve.optim.exact``); elsewhere (CUDA) torch's own multi-tensor (foreach) function
+    over all of the step's tensors on that device. ``kernel="compiled"`` runs the compiled
+    one-pass update on float32/float64 tensors of ``FUSED_MIN_NUMEL`` elements or more
+    (see ``optserve.optim.fused``). ``fused`` is the old spelling: True means compiled.
 
     With ``track_update``, returns each stepped parameter's squared update norm
-    ``||new - old||^2`` (the stats' "last update norm"): from the fused kernel's own pass,
-    or on the plain path from a copy of the old values (an extra pass, hence opt-in). It
+    ``||new - old||^2`` (the stats' "last update norm"): from the compiled kernel's own pass,
+    or on the exact path from a copy of the old values (an extra pass, hence opt-in). It
     may be inf when a float32 sum overflowed: callers check the tensors themselves then.
     """
+    if fused is not None:
+        kernel = "compiled" if fused else "exact"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
     if not isinstance(hp, opt.hyperparams):
         raise TypeError(f"{opt.name} needs {opt.hyperparams.__name__}, got {type(hp).__name__}")
     work = _prepare(params, grads)
-    kernels = _fused.kernels_for(opt, hp, (p for _, p, _ in work)) if fused else {}
+    compiled = (_fused.kernels_for(opt, hp, (p for _, p, _ in work))
+                if kernel == "compiled" else {})
     update_sq: dict[str, float] = {}
+    device_work: list[tuple[str, Tensor, Tensor]] = []
     with torch.no_grad():
         for name, param, grad in work:
             st = state.setdefault(name, {})
-            kernel = kernels.get((param.dtype, param.device)) if kernels else None
             sq = None
-            if kernel is not None and _fused.eligible(param):
-                sq = opt.fused_update(kernel, param, grad, st, hp)
-            if sq is None:
-                before = param.clone() if track_update else None
-                opt.update(param, grad, st, hp)
-                if before is not None:
-                    sq = torch.linalg.vector_norm(param - before, dtype=torch.float64) ** 2
-            if track_update and sq is not None:
-                update_sq[name] = float(sq)
-            if not st:  # SGD without momentum keeps no state, as torch
+            fn = compiled.get((param.dtype, param.device)) if compiled else None
+            if fn is not None and _fused.eligible(param):
+                sq = _fused.run(opt, fn, param, grad, st, hp)
+            if sq is not None:
+                if track_update:
+                    update_sq[name] = float(sq)
+                continue
+            if param.device.type != "cpu":
+                device_work.append((name, param, grad))
+                continue
+            before = param.clone() if track_update else None
+            opt.update(param, grad, st, hp)
+            if before is not None:
+                update_sq[name] = _sq_norm(param, before)
+        if device_work:
+            olds = [p.clone() for _, p, _ in device_work] if track_update else None
+            opt.foreach_update([p for _, p, _ in device_work], [g for _, _, g in device_work],
+                               [state[n] for n, _, _ in device_work], hp)
+            if olds is not None:
+                for (name, param, _), before in zip(device_work, olds, strict=True):
+                    update_sq[name] = _sq_norm(param, before)
+        for name, _, _ in work:
+            if not state[name]:  # SGD without momentum keeps no state, as torch
                 del state[name]
     return update_sq
+
+
+def _sq_norm(new: Tensor, old: Tensor) -> float:
+    """||new - old||^2 in float64."""
+    return float(torch.linalg.vector_norm(new - old, dtype=torch.float64) ** 2)
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:

@@ -1,32 +1,35 @@
-"""The fused path: each optimizer's per-tensor update compiled by ``torch.compile`` (inductor).
+"""The compiled kernel (opt-in): each optimizer's update compiled by ``torch.compile``.
 
-Why: torch's CPU RMSprop runs five separate elementwise ops per tensor (and allocates a
-temporary), i.e. about a dozen passes over memory; the compiled kernel reads param, grad and
-state once and writes param and state once.
+Not bitwise equal to torch: inductor computes ``sqrt`` with IEEE rounding where ATen's CPU
+kernel (MKL VML) is off by an ulp for ~15% of float32 inputs, and it contracts and reorders
+the arithmetic of a whole update into one expression. The README's Exactness section gives
+the measured error against torch per optimizer and option row. The default is the exact
+path (:mod:`optserve.optim.exact`).
 
-How it stays cheap and correct:
+Why have it: one pass over memory per tensor, ~the fastest a step can be on a CPU.
+
+How it stays cheap:
 
 - One compiled function per (optimizer, structural flags, dtype, device). Each gets its own
   code object, so dynamo's per-code recompile limit is never shared between them.
 - Tensors are passed as 1-D aliases with ``dynamic=True``: one graph serves every size.
-  Small tensors (see ``FUSED_MIN_NUMEL``) and non-contiguous ones take the plain path.
+  Small tensors (see ``FUSED_MIN_NUMEL``) and non-contiguous ones take the exact path.
 - lr, alpha, eps, ... are 0-dim tensors, so a new learning rate each step (schedulers) reuses
   the compiled code. The step counter is incremented eagerly, after the kernel ran.
 - The first use of a key compiles on dummy data under a lock; :func:`warmup` does this ahead
-  of time. A failed compile logs once and leaves that key on the plain path.
+  of time. A failed compile logs once and leaves that key on the exact path.
 
-``OPTSERVE_FUSED``: ``off`` never compiles, ``auto`` (default) compiles and falls back on
-failure, ``on`` compiles and raises on failure.
+Which path runs is the caller's choice (``step(..., kernel="compiled")``; the service's
+``OPTSERVE_KERNEL``); nothing here reads the environment.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import types
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,12 +38,10 @@ from .base import Kernel, OptimizerDef, ParamState
 
 log = logging.getLogger(__name__)
 
-FusedMode = Literal["auto", "on", "off"]
-
-FUSED_MIN_NUMEL = max(2, int(os.environ.get("OPTSERVE_FUSED_MIN_NUMEL", "65536")))
-"""Smaller tensors take the plain path: below ~1e5 elements a compiled call's fixed cost
-(dynamo guards, ~40 us on CPU) outweighs the memory passes it saves. Must stay >= 2, as
-dynamo specialises sizes 0 and 1. Override with ``OPTSERVE_FUSED_MIN_NUMEL``."""
+FUSED_MIN_NUMEL = 65536
+"""Smaller tensors take the exact path even under ``kernel="compiled"``: below ~1e5
+elements a compiled call's fixed cost (dynamo guards, ~40 us on CPU) outweighs the memory
+passes it saves. Must stay >= 2, as dynamo specialises sizes 0 and 1."""
 
 _WARMUP_NUMEL = 1 << 16
 """Warm-up tensor size. Inductor decides from this size hint whether the kernel's loop runs
@@ -50,28 +51,8 @@ _KernelKey = tuple[str, tuple[bool, ...], torch.dtype, str, int | None]
 _KERNELS: dict[_KernelKey, Kernel | None] = {}
 _LOCK = threading.Lock()
 
-
-_MODE_OVERRIDE: FusedMode | None = None
-
-
-def set_fused_mode(mode: FusedMode | None) -> None:
-    """Set the mode from the service's settings; None goes back to ``OPTSERVE_FUSED``."""
-    global _MODE_OVERRIDE
-    if mode not in (None, "auto", "on", "off"):
-        raise ValueError(f"fused mode must be auto, on or off, not {mode!r}")
-    _MODE_OVERRIDE = mode
-
-
-def fused_mode() -> FusedMode:
-    """The mode: :func:`set_fused_mode`'s, else ``OPTSERVE_FUSED`` (read per call)."""
-    if _MODE_OVERRIDE is not None:
-        return _MODE_OVERRIDE
-    raw = os.environ.get("OPTSERVE_FUSED", "auto").strip().lower()
-    if raw in ("off", "0", "false", "no"):
-        return "off"
-    if raw in ("on", "1", "true", "yes"):
-        return "on"
-    return "auto"
+calls = 0
+"""Tensor updates run by a compiled kernel in this process (a diagnostic for tests)."""
 
 
 def _unique(fn: Callable[..., None], tag: str) -> Callable[..., None]:
@@ -105,33 +86,20 @@ def _build(opt: OptimizerDef, hp: Any, key: _KernelKey) -> Kernel:
     return kernel
 
 
-def _cached(key: _KernelKey, mode: FusedMode) -> Kernel | None:
-    """A known kernel; under ``on``, a compile that failed before (in ``auto``) raises."""
-    kernel = _KERNELS[key]
-    if kernel is None and mode == "on":
-        raise RuntimeError(f"torch.compile failed earlier for {key}; OPTSERVE_FUSED=on")
-    return kernel
-
-
 def get_kernel(opt: OptimizerDef, hp: Any, dtype: torch.dtype,
                device: torch.device) -> Kernel | None:
-    """The compiled kernel for these hyperparameters' flags, or None (plain path)."""
-    mode = fused_mode()
-    if mode == "off":
-        return None
+    """The compiled kernel for these hyperparameters' flags, or None (exact path)."""
     key = _key(opt, hp, dtype, device)
     if key in _KERNELS:
-        return _cached(key, mode)
+        return _KERNELS[key]
     with _LOCK:
         if key in _KERNELS:
-            return _cached(key, mode)
+            return _KERNELS[key]
         kernel: Kernel | None
         try:
             kernel = _build(opt, hp, key)
         except Exception as exc:
-            if mode == "on":
-                raise
-            log.warning("torch.compile unavailable for %s %s %s, using plain ops: %s",
+            log.warning("torch.compile unavailable for %s %s %s, using the exact path: %s",
                         opt.name, dtype, device, exc)
             kernel = None
         _KERNELS[key] = kernel
@@ -151,8 +119,8 @@ def eligible(param: Tensor) -> bool:
 
 def kernels_for(opt: OptimizerDef, hp: Any, params: Iterable[Tensor]
                 ) -> dict[tuple[torch.dtype, torch.device], Kernel]:
-    """Compiled kernels for every (dtype, device) these params need, resolved up front so a
-    compile failure under ``OPTSERVE_FUSED=on`` raises before any tensor has changed."""
+    """Compiled kernels for every (dtype, device) these params need, resolved up front (so
+    compiling happens before any tensor has changed)."""
     out: dict[tuple[torch.dtype, torch.device], Kernel] = {}
     for param in params:
         where = (param.dtype, param.device)
@@ -163,7 +131,17 @@ def kernels_for(opt: OptimizerDef, hp: Any, params: Iterable[Tensor]
     return out
 
 
+def run(opt: OptimizerDef, kernel: Kernel, param: Tensor, grad: Tensor, st: ParamState,
+        hp: Any) -> Tensor | None:
+    """One tensor's compiled update; None (nothing changed) where it must run exact."""
+    global calls
+    sq = opt.fused_update(kernel, param, grad, st, hp)
+    if sq is not None:
+        calls += 1
+    return sq
+
+
 def reset() -> None:
-    """Forget compiled kernels (tests; after changing ``OPTSERVE_FUSED``)."""
+    """Forget compiled kernels (tests)."""
     with _LOCK:
         _KERNELS.clear()

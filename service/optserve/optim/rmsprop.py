@@ -1,8 +1,24 @@
-"""RMSprop, as ``torch.optim.RMSprop`` computes it on CPU (``_single_tensor_rmsprop``).
+"""RMSprop, as ``torch.optim.RMSprop`` computes it (``_single_tensor_rmsprop`` on CPU).
 
-The plain update repeats torch's ops one for one (same ops, same order, same scalars),
-which is what makes it bitwise equal. Torch's CPU default is that single-tensor path:
-``foreach=None`` resolves to False because CPU is not a foreach device.
+The update rule, as torch's documentation writes it (lr γ, alpha α, eps ε, weight decay λ,
+momentum μ; v, b, g_ave start at 0)::
+
+    for t = 1, 2, ...:
+        g_t ← ∇θ f_t(θ_{t-1})                 (negated when maximize)
+        if λ ≠ 0:     g_t ← g_t + λ θ_{t-1}
+        v_t ← α v_{t-1} + (1 - α) g_t²
+        ṽ_t ← v_t
+        if centered:  g_ave_t ← α g_ave_{t-1} + (1 - α) g_t
+                      ṽ_t ← ṽ_t - g_ave_t²
+        if μ > 0:     b_t ← μ b_{t-1} + g_t / (√ṽ_t + ε)
+                      θ_t ← θ_{t-1} - γ b_t
+        else:         θ_t ← θ_{t-1} - γ g_t / (√ṽ_t + ε)
+
+State names: ``square_avg`` (v), ``grad_avg`` (g_ave), ``momentum_buffer`` (b), ``step``.
+The exact update repeats torch's ops one for one (same ops, same order, same Python
+scalars), block by block on CPU, which is what makes it bitwise equal. Torch's CPU default
+is that single-tensor path: ``foreach=None`` resolves to False because CPU is not a
+foreach device; on CUDA it is the multi-tensor path, which ``foreach_update`` calls.
 """
 
 from __future__ import annotations
@@ -13,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, flat_opt, new_step
+from .exact import blocks, scratch
 from .hyperparams import RMSpropHyperparams
 
 
@@ -43,34 +60,55 @@ def _complete(param: Tensor, st: ParamState, hp: RMSpropHyperparams) -> None:
 
 
 def update(param: Tensor, grad: Tensor, st: ParamState, hp: RMSpropHyperparams) -> None:
-    """One step in place; mirrors ``torch.optim.rmsprop._single_tensor_rmsprop``."""
+    """One step in place; ``_single_tensor_rmsprop``'s ops, block by block (see ``exact``)."""
     _complete(param, st, hp)
-    lr, alpha, eps = hp.lr, hp.alpha, hp.eps
-    step = st["step"]
-    grad = grad if not hp.maximize else -grad
-    square_avg = st["square_avg"]
+    st["step"] += 1
+    ga = st["grad_avg"] if hp.centered else None
+    buf = st["momentum_buffer"] if hp.momentum > 0 else None
+    tmp = scratch(param)
+    for p, g, sa, gav, b in blocks(param, grad, st["square_avg"], ga, buf):
+        out = None if tmp is None else tmp[:p.numel()]  # type: ignore[union-attr]
+        _ops(p, g, sa, gav, b, hp, out)  # type: ignore[arg-type]
 
-    step += 1
+
+def _ops(param: Tensor, grad: Tensor, square_avg: Tensor, grad_avg: Tensor | None,
+         buf: Tensor | None, hp: RMSpropHyperparams, out: Tensor | None) -> None:
+    """torch's loop body after ``step += 1``: same ops, same order, same Python scalars
+    (``avg`` goes to ``out`` when given: the same kernel, minus an allocation)."""
+    lr, alpha, eps = hp.lr, hp.alpha, hp.eps
+    grad = grad if not hp.maximize else -grad
 
     if hp.weight_decay != 0:
         grad = grad.add(param, alpha=hp.weight_decay)
 
     square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
 
-    if hp.centered:
-        grad_avg = st["grad_avg"]
+    if grad_avg is not None:
         grad_avg.lerp_(grad, 1 - alpha)
-        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        avg = torch.addcmul(square_avg, grad_avg, grad_avg, value=-1, out=out).sqrt_()
     else:
-        avg = square_avg.sqrt()
+        avg = torch.sqrt(square_avg, out=out)
     avg = avg.add_(eps)
 
-    if hp.momentum > 0:
-        buf = st["momentum_buffer"]
+    if buf is not None:
         buf.mul_(hp.momentum).addcdiv_(grad, avg)
         param.add_(buf, alpha=-lr)
     else:
         param.addcdiv_(grad, avg, value=-lr)
+
+
+def foreach_update(params: list[Tensor], grads: list[Tensor], states: list[ParamState],
+                   hp: RMSpropHyperparams) -> None:
+    """torch's multi-tensor RMSprop over all tensors at once, as torch.optim on CUDA."""
+    for param, st in zip(params, states, strict=True):
+        _complete(param, st, hp)
+    torch.optim.rmsprop.rmsprop(
+        params, grads, [st["square_avg"] for st in states],
+        [st["grad_avg"] for st in states] if hp.centered else [],
+        [st["momentum_buffer"] for st in states] if hp.momentum > 0 else [],
+        [st["step"] for st in states], foreach=True, maximize=hp.maximize,
+        has_complex=any(torch.is_complex(p) for p in params), lr=hp.lr, alpha=hp.alpha,
+        eps=hp.eps, weight_decay=hp.weight_decay, momentum=hp.momentum, centered=hp.centered)
 
 
 def fused_flags(hp: RMSpropHyperparams) -> tuple[bool, ...]:
@@ -154,6 +192,7 @@ RMSPROP = OptimizerDef(
     state_keys=("step", "square_avg", "momentum_buffer", "grad_avg"),
     init_state=init_state,
     update=update,
+    foreach_update=foreach_update,
     fused_flags=fused_flags,
     fused_kernel=fused_kernel,
     fused_update=fused_update,

@@ -1,6 +1,19 @@
-"""SGD, as ``torch.optim.SGD`` computes it on CPU (``_single_tensor_sgd``).
+"""SGD, as ``torch.optim.SGD`` computes it (``_single_tensor_sgd`` on CPU).
 
-SGD keeps state only with momentum: ``momentum_buffer`` starts as a copy of the first
+The update rule, as torch's documentation writes it (lr γ, weight decay λ, momentum μ,
+dampening τ)::
+
+    for t = 1, 2, ...:
+        g_t ← ∇θ f_t(θ_{t-1})                 (negated when maximize)
+        if λ ≠ 0:  g_t ← g_t + λ θ_{t-1}
+        if μ ≠ 0:
+            if t > 1:  b_t ← μ b_{t-1} + (1 - τ) g_t
+            else:      b_t ← g_t
+            if nesterov:  g_t ← g_t + μ b_t
+            else:         g_t ← b_t
+        θ_t ← θ_{t-1} - γ g_t
+
+SGD keeps state only with momentum: ``momentum_buffer`` (b) starts as a copy of the first
 (decayed, sign-adjusted) gradient, as in torch, including when momentum is switched on later.
 """
 
@@ -12,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, flat_opt
+from .exact import blocks
 from .hyperparams import SGDHyperparams
 
 
@@ -21,24 +35,54 @@ def init_state(param: Tensor, hp: SGDHyperparams) -> ParamState:
 
 
 def update(param: Tensor, grad: Tensor, st: ParamState, hp: SGDHyperparams) -> None:
-    """One step in place; mirrors ``torch.optim.sgd._single_tensor_sgd`` (float hyperparams)."""
+    """One step in place; ``_single_tensor_sgd``'s ops (float hyperparams), block by block.
+
+    A missing momentum buffer is created empty and filled block by block with what torch's
+    ``torch.clone(grad).detach()`` holds (same values, laid out like the parameter).
+    """
+    buf: Tensor | None = None
+    fresh = False
+    if hp.momentum != 0:
+        buf = st.get("momentum_buffer")
+        if buf is None:
+            buf = torch.empty_like(param, memory_format=torch.preserve_format)
+            st["momentum_buffer"] = buf
+            fresh = True
+    for p, g, b in blocks(param, grad, buf):
+        _ops(p, g, b, fresh, hp)  # type: ignore[arg-type]
+
+
+def _ops(param: Tensor, grad: Tensor, buf: Tensor | None, fresh: bool,
+         hp: SGDHyperparams) -> None:
+    """torch's loop body: same ops, same order, same Python scalars."""
     grad = grad if not hp.maximize else -grad
 
     if hp.weight_decay != 0:
         grad = grad.add(param, alpha=hp.weight_decay)
 
-    if hp.momentum != 0:
-        buf = st.get("momentum_buffer")
-        if buf is None:
-            # torch: grad.detach().clone(); same values, laid out like the parameter.
-            buf = torch.empty_like(param, memory_format=torch.preserve_format).copy_(grad)
-            st["momentum_buffer"] = buf
+    if buf is not None:
+        if fresh:
+            buf.copy_(grad)
         else:
             buf.mul_(hp.momentum).add_(grad, alpha=1 - hp.dampening)
 
         grad = grad.add(buf, alpha=hp.momentum) if hp.nesterov else buf
 
     param.add_(grad, alpha=-hp.lr)
+
+
+def foreach_update(params: list[Tensor], grads: list[Tensor], states: list[ParamState],
+                   hp: SGDHyperparams) -> None:
+    """torch's multi-tensor SGD over all tensors at once, as torch.optim on CUDA; buffers
+    it creates are stored back into the state, as ``torch.optim.SGD.step`` does."""
+    bufs: list[Tensor | None] = [st.get("momentum_buffer") for st in states]
+    torch.optim.sgd.sgd(
+        params, grads, bufs, foreach=True, weight_decay=hp.weight_decay,
+        momentum=hp.momentum, lr=hp.lr, dampening=hp.dampening, nesterov=hp.nesterov,
+        maximize=hp.maximize)
+    if hp.momentum != 0:
+        for st, buf in zip(states, bufs, strict=True):
+            st["momentum_buffer"] = buf  # type: ignore[assignment]
 
 
 def fused_flags(hp: SGDHyperparams) -> tuple[bool, ...]:
@@ -99,6 +143,7 @@ SGD = OptimizerDef(
     state_keys=("momentum_buffer",),
     init_state=init_state,
     update=update,
+    foreach_update=foreach_update,
     fused_flags=fused_flags,
     fused_kernel=fused_kernel,
     fused_update=fused_update,
