@@ -55,7 +55,7 @@ RUN pip install --no-cache-dir ".[server]" \
 
 FROM base AS runtime-cpu
 
-# torch.compile's GPU kernels (OPTSERVE_FUSED) need a C compiler at run time for Triton.
+# torch.compile's GPU kernels (OPTSERVE_KERNEL=compiled) need a C compiler at run time for Triton.
 FROM base AS runtime-cuda
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -365,7 +365,7 @@ def test_not_found_and_state_accept(client: httpx.Client, session: dict) -> None
 def test_body_limit(redis_url: str) -> None:
     from conftest import start_thread_server
 
-    srv = start_thread_server(redis_url=redis_url, fused="off", max_body_bytes=1000)
+    srv = start_thread_server(redis_url=redis_url, kernel="exact", max_body_bytes=1000)
     try:
         with httpx.Client(base_url=srv.url) as c:
             s = create(c, {"w": torch.zeros(10)})

@@ -36,7 +36,7 @@ def _redis_children(pid: int) -> list[int]:
 def test_serve_starts_and_stops_its_own_redis(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "OPTSERVE_REDIS_URL"}
-    env.update(OPTSERVE_DATA_DIR=str(tmp_path / "data"), OPTSERVE_FUSED="off")
+    env.update(OPTSERVE_DATA_DIR=str(tmp_path / "data"), OPTSERVE_KERNEL="exact")
     proc = subprocess.Popen([sys.executable, "-m", "optserve.cli", "serve", "--port", str(port)],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -96,7 +96,7 @@ def test_version_prints_the_distribution_version() -> None:
 def _serve_env(data_dir: str | Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("OPTSERVE_REDIS_URL", "OPTSERVE_REDIS_SERVER")}
-    env.update(OPTSERVE_DATA_DIR=str(data_dir), OPTSERVE_FUSED="off", **extra)
+    env.update(OPTSERVE_DATA_DIR=str(data_dir), OPTSERVE_KERNEL="exact", **extra)
     return env
 
 

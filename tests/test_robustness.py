@@ -110,7 +110,7 @@ def test_sigkill_mid_stream_leaves_one_version(make_server) -> None:
 def test_redis_outage_gives_503_then_recovers(tmp_path) -> None:
     redis = EmbeddedRedis(data_dir=tmp_path, appendfsync="always")
     redis.start()
-    srv = start_thread_server(redis_url=redis.url, fused="off", redis_timeout_s=1.0)
+    srv = start_thread_server(redis_url=redis.url, kernel="exact", redis_timeout_s=1.0)
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             s = create(c, {"w": torch.zeros(2)})
@@ -136,7 +136,7 @@ def test_redis_outage_gives_503_then_recovers(tmp_path) -> None:
 
 def test_fused_path_matches_torch(fused_server: str) -> None:
     torch.manual_seed(1)
-    n = 100_000  # above OPTSERVE_FUSED_MIN_NUMEL, so the compiled kernel runs
+    n = 100_000  # above the compiled kernel's minimum size, so the compiled kernel runs
     w0 = torch.randn(n)
     hp = {"lr": 0.01, "alpha": 0.9, "momentum": 0.9, "centered": True}
     with httpx.Client(base_url=fused_server, timeout=120) as c:
@@ -156,7 +156,7 @@ def test_fused_path_matches_torch(fused_server: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_path_matches_cpu(redis_url: str) -> None:
-    srv = start_thread_server(redis_url=redis_url, device="cuda", fused="off")
+    srv = start_thread_server(redis_url=redis_url, device="cuda", kernel="exact")
     try:
         torch.manual_seed(2)
         w0 = torch.randn(4096)
