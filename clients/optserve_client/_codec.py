@@ -73,6 +73,20 @@ def dense_grad(grad: Any) -> Any:
     return grad
 
 
+def plain_hyperparams(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as JSON values: a 1-element tensor (an LR scheduler's, or a tensor
+    ``lr`` as torch takes it) becomes its number; a larger one is refused as torch does."""
+    out: dict[str, Any] = {}
+    for k, v in hp.items():
+        if is_torch(v) or isinstance(v, (np.ndarray, np.generic)):
+            size = v.numel() if is_torch(v) else v.size
+            if size != 1:
+                raise ValueError(f"Tensor {k} must be 1-element")
+            v = v.item()
+        out[k] = v
+    return out
+
+
 def wire_ready(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """Drop None entries (a parameter without a gradient is simply not sent)."""
     return {name: value for name, value in tensors.items() if value is not None}

@@ -24,12 +24,14 @@ from ._codec import (
     decode_tensors,
     is_torch,
     nbytes,
+    plain_hyperparams,
     safetensors_parts,
     wire_ready,
 )
 from ._results import Session, StepResult
 from ._transport import Body, RawResponse
 from .errors import APIResponseValidationError
+from .spec import HYPERPARAMS_META_KEY
 
 T = TypeVar("T")
 Format = Literal["safetensors", "json"]
@@ -118,7 +120,7 @@ class RequestBuilder:
             params = None
         doc: dict[str, Any] = {"optimizer": optimizer, "mode": mode}
         if hyperparams is not None:
-            doc["hyperparams"] = dict(hyperparams)
+            doc["hyperparams"] = plain_hyperparams(hyperparams)
         if preset is not None:
             doc["preset"] = preset  # the server merges it under `hyperparams`
         if params is not None:
@@ -158,7 +160,7 @@ class RequestBuilder:
                              extra: Mapping[str, Any]) -> Call[Session]:
         doc: dict[str, Any] = {k: v for k, v in extra.items() if v is not None}
         if hyperparams is not None:
-            doc["hyperparams"] = dict(hyperparams)
+            doc["hyperparams"] = plain_hyperparams(hyperparams)
         return Call("PATCH", f"/v1/sessions/{self._sid(session_id)}", _parse_session,
                     body=json.dumps(doc).encode(),
                     headers={"Content-Type": "application/json", "Accept": "application/json"})
@@ -186,9 +188,10 @@ class RequestBuilder:
 
     def _step_call(self, session_id: str | Session, grads: Mapping[str, Any], *,
                    base_version: int | None, weight: float | None, if_match: int | str | None,
-                   return_params: bool, grad_dtype: str | None, as_: ArrayKind | None
-                   ) -> Call[StepResult]:
+                   return_params: bool, grad_dtype: str | None, as_: ArrayKind | None,
+                   hyperparams: Mapping[str, Any] | None = None) -> Call[StepResult]:
         check_grad_dtype(grad_dtype)
+        hp = plain_hyperparams(hyperparams) if hyperparams else None
         sent = wire_ready({k: compress(v, grad_dtype) for k, v in grads.items()})
         if as_ is None:
             as_ = "torch" if any(is_torch(v) for v in grads.values()) else "numpy"
@@ -211,8 +214,14 @@ class RequestBuilder:
             replayed = resp.headers.get("idempotent-replayed", "").lower() == "true"
             return StepResult(version, params, attempts, replayed)
 
+        if hp is None:
+            body = self._encode(sent)
+        elif self.format == "safetensors":
+            body = safetensors_parts(sent, {HYPERPARAMS_META_KEY: json.dumps({"hyperparams": hp})})
+        else:
+            body = wire.encode_json(sent, hyperparams=hp)
         return Call("POST", f"/v1/sessions/{self._sid(session_id)}/step", parse,
-                    body=self._encode(sent), headers=headers,
+                    body=body, headers=headers,
                     query={"return": "params" if return_params else "none"})
 
     def _get_state_call(self, session_id: str | Session, as_: ArrayKind

@@ -130,11 +130,12 @@ class AsyncClient(BaseClient):
                    base_version: int | None = None, weight: float | None = None,
                    if_match: int | str | None = None, idempotency_key: str | None = None,
                    return_params: bool = True, grad_dtype: str | None = None,
-                   as_: ArrayKind | None = None) -> StepResult:
+                   as_: ArrayKind | None = None,
+                   hyperparams: Mapping[str, Any] | None = None) -> StepResult:
         """See `Client.step`."""
         call = self._step_call(session_id, grads, base_version=base_version, weight=weight,
                                if_match=if_match, return_params=return_params,
-                               grad_dtype=grad_dtype, as_=as_)
+                               grad_dtype=grad_dtype, as_=as_, hyperparams=hyperparams)
         return await self._run(call, idempotency_key or self._new_idempotency_key())
 
     async def get_state(self, session_id: str | Session, *, as_: ArrayKind = "numpy"

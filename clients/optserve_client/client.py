@@ -106,17 +106,20 @@ class Client(BaseClient):
              base_version: int | None = None, weight: float | None = None,
              if_match: int | str | None = None, idempotency_key: str | None = None,
              return_params: bool = True, grad_dtype: str | None = None,
-             as_: ArrayKind | None = None) -> StepResult:
+             as_: ArrayKind | None = None,
+             hyperparams: Mapping[str, Any] | None = None) -> StepResult:
         """Push gradients (None entries are left out: the parameter is not touched).
 
         Every try of this one logical step carries the same Idempotency-Key (generated
         unless given), so a retry after a lost response is never applied twice.
         ``grad_dtype="bfloat16"|"float16"`` halves the upload. The returned params are
         torch tensors if the gradients were, else NumPy arrays (``as_`` overrides).
+        ``hyperparams`` (changes, merged as PATCH merges them; tensors such as a scheduler's
+        ``lr`` are fine) apply to this step and are stored with it, in the same request.
         """
         call = self._step_call(session_id, grads, base_version=base_version, weight=weight,
                                if_match=if_match, return_params=return_params,
-                               grad_dtype=grad_dtype, as_=as_)
+                               grad_dtype=grad_dtype, as_=as_, hyperparams=hyperparams)
         return self._run(call, idempotency_key or self._new_idempotency_key())
 
     def get_state(self, session_id: str | Session, *, as_: ArrayKind = "numpy"

@@ -151,6 +151,10 @@ class RoundFailedError(ConflictError):
     codes = ("round_failed",)
 
 
+class HyperparamsConflictError(ConflictError):
+    codes = ("hyperparams_conflict",)
+
+
 class IdempotencyKeyReusedError(ConflictError):
     codes = ("idempotency_key_reused",)
 

@@ -95,23 +95,23 @@ class _RemoteNumpyOptimizer:
         arrays = {k: v if v.dtype.kind == "f" else v.astype(np.float64)
                   for k, v in arrays.items()}
         hp = self._hyperparams()
+        changed: dict[str, Any] = {}
         if self._session_id is None:
             doc = self._client.create_session(self._optimizer, hp, arrays, mode=self._mode,
                                               name=self._name)
             self._session_id, self._version, self._sent_hp = doc.id, doc.version or 0, hp
         else:
-            if self._sent_hp != hp:
-                changed = {k: v for k, v in hp.items() if (self._sent_hp or {}).get(k) != v}
-                self._client.update_session(self._session_id, hyperparams=changed)
-                self._sent_hp = hp
+            # changed hyperparameters ride with the step: no request of their own
+            changed = {k: v for k, v in hp.items() if (self._sent_hp or {}).get(k) != v}
             if not self._same_as_last(arrays):
                 doc = self._client.put_params(self._session_id, arrays, if_match=self._version)
                 self._version = doc.version
         result = self._client.step(self._session_id,
                                    {k: grads[k] for k in arrays if grads.get(k) is not None},
-                                   base_version=self._version, as_="numpy")
+                                   base_version=self._version, as_="numpy",
+                                   hyperparams=changed or None)
         assert result.params is not None
-        self._last, self._version = result.params, result.version
+        self._last, self._version, self._sent_hp = result.params, result.version, hp
         return {k: result.params[k] for k in arrays}
 
     def _same_as_last(self, arrays: Mapping[str, np.ndarray]) -> bool:

@@ -9,6 +9,7 @@ tests (set comparisons). Pure data: no imports beyond the standard library, so b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -26,6 +27,17 @@ TORCH_DEFAULTS: Final[dict[str, dict[str, Any]]] = {
 
 KERNEL_OPTIONS: Final = ("foreach", "fused", "capturable", "differentiable")
 """torch's implementation-selection options: they choose how torch computes, not what."""
+
+TORCH_KERNEL_OPTIONS: Final[dict[str, tuple[str, ...]]] = {
+    # The kernel options each torch.optim constructor takes (torch 2.13's signatures).
+    "rmsprop": ("foreach", "capturable", "differentiable"),
+    "adagrad": ("foreach", "fused", "differentiable"),
+    "sgd": ("foreach", "fused", "differentiable"),
+}
+
+HYPERPARAMS_META_KEY: Final = "optserve"
+"""The safetensors ``__metadata__`` key of a step's ``{"hyperparams": {...}}`` (as JSON), the
+same key the state export uses."""
 
 PRESETS: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     # The RMSprop document's "common configurations": name -> (optimizer, hyperparams).
@@ -61,6 +73,8 @@ PROBLEMS: Final = MappingProxyType({
     "stale_gradient": (409, "the gradient is older than max_staleness allows"),
     "round_closed": (409, "the sync round this contribution was for has closed"),
     "round_failed": (409, "the sync round failed (too few contributions by its deadline)"),
+    "hyperparams_conflict": (409, "a sync contribution's hyperparameters differ from its "
+                            "round's"),
     "idempotency_key_reused": (409, "the create key's session has been deleted"),
     "version_mismatch": (412, "If-Match names another version"),
     "body_too_large": (413, "the body is over the size limit"),
@@ -92,3 +106,26 @@ status of the HTTP error it stands for."""
 def status_of(code: str) -> int:
     """The HTTP status of a problem code (KeyError for a code that is not in the table)."""
     return PROBLEMS[code][0]
+
+
+def kernel_options_refusal(optimizer: str, options: Mapping[str, Any], owner: str
+                           ) -> tuple[str, Exception] | None:
+    """The option and the error torch's constructor raises for these kernel options
+    (``owner`` names the class in a TypeError), or for one a step computed elsewhere cannot
+    honour (``capturable``, ``differentiable``); None when all are accepted (and ignored:
+    they cannot change the math)."""
+    for name, value in options.items():
+        if name not in TORCH_KERNEL_OPTIONS[optimizer]:
+            return name, TypeError(f"{owner}.__init__() got an unexpected keyword argument "
+                                   f"'{name}'")
+        if value is not None and not isinstance(value, bool):
+            return name, TypeError(f"{name} must be True, False or None, not {value!r}")
+    if options.get("fused") and options.get("foreach"):
+        return "fused", RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if options.get("capturable"):
+        return "capturable", ValueError("capturable=True is not supported: the step runs in "
+                                        "the service, outside any CUDA graph")
+    if options.get("differentiable"):
+        return "differentiable", ValueError("differentiable=True is not supported: autograd "
+                                            "cannot run through a step computed in the service")
+    return None

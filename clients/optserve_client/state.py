@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ._codec import is_torch
+from ._codec import plain_hyperparams as plain_hyperparams
 from ._results import Session
 from .errors import PreconditionRequiredError
 from .spec import STATE_KEYS, TORCH_DEFAULTS
@@ -225,16 +226,6 @@ def _torch_float32() -> Any:
     import torch
 
     return torch.float32
-
-
-def plain_hyperparams(hp: Mapping[str, Any]) -> dict[str, Any]:
-    """Hyperparameters as JSON values (a tensor lr becomes a float)."""
-    out: dict[str, Any] = {}
-    for k, v in hp.items():
-        if is_torch(v) or isinstance(v, np.generic):
-            v = v.item()
-        out[k] = v
-    return out
 
 
 # --------------------------------------------------------------------- with a client

@@ -4,12 +4,13 @@ Swap ``torch.optim.RMSprop(model.parameters(), lr=...)`` for
 ``RemoteRMSprop(model.named_parameters(), lr=..., url=...)`` and the training loop stays the
 same: ``step()`` pushes the ``.grad``s and writes the returned parameters into the model's
 tensors in place. Each param group is one session (a session holds one set of
-hyperparameters); changing a group's hyperparameters (by hand or through an LR scheduler)
-is PATCHed to its session before the next step.
+hyperparameters); a group's hyperparameters changed since its last step (by hand or by an LR
+scheduler) ride with its next step: one request per group per ``step()``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from ._results import Session
 from ._transport import Timeout
 from .client import Client
 from .errors import StaleGradientError
-from .spec import KERNEL_OPTIONS, TORCH_DEFAULTS
+from .spec import KERNEL_OPTIONS, TORCH_DEFAULTS, kernel_options_refusal
 from .state import (
     from_torch_state_dict,
     plain_hyperparams,
@@ -52,7 +53,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
     ``params``: tensors (named "0", "1", ... by their index, as in torch's state_dict),
     ``(name, tensor)`` pairs such as ``model.named_parameters()``, or param-group dicts of
     either. ``optimizer``: "rmsprop" | "adagrad" | "sgd"; further keyword arguments are its
-    hyperparameters (torch's names and defaults). ``session``: the id (or ids, one per
+    hyperparameters (torch's names and defaults) and torch's kernel options: those torch
+    takes that cannot change the math (``foreach``, ``fused`` where torch has it,
+    ``capturable=False``, ``differentiable=False``) are kept in the groups and ignored, the
+    rest refused as torch refuses them. ``session``: the id (or ids, one per
     group) of an existing session to attach to as a further worker: the local parameters
     and the group hyperparameters are then taken from the session. ``grad_dtype``:
     "bfloat16"/"float16" to send gradients in half precision. ``on_stale``: "raise" (a
@@ -72,8 +76,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         optimizer = optimizer.lower()
         if optimizer not in TORCH_DEFAULTS:
             raise ValueError(f"optimizer must be one of {sorted(TORCH_DEFAULTS)}")
-        for opt in KERNEL_OPTIONS:  # accepted (a swapped-in call still works), ignored
-            hyperparams.pop(opt, None)
+        options = {k: hyperparams.pop(k) for k in KERNEL_OPTIONS if k in hyperparams}
+        refusal = kernel_options_refusal(optimizer, options, type(self).__name__)
+        if refusal is not None:
+            raise refusal[1]
         unknown = set(hyperparams) - set(TORCH_DEFAULTS[optimizer])
         if unknown:
             raise TypeError(f"unknown {optimizer} hyperparameters: {sorted(unknown)}")
@@ -81,7 +87,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise ValueError("on_stale must be 'raise' or 'skip'")
         self._optserve_optimizer = optimizer
         self._hp_keys = list(TORCH_DEFAULTS[optimizer])
-        super().__init__(params, {**TORCH_DEFAULTS[optimizer], **hyperparams})
+        super().__init__(params, {**TORCH_DEFAULTS[optimizer], **hyperparams, **options})
+        for gi in range(len(self.param_groups)):
+            self._hyperparams(gi)  # a bad tensor lr is refused before any session is made
         self._root_client = client or Client(url, api_key, timeout=timeout,
                                              max_retries=max_retries, format=format)
         self._client = self._root_client
@@ -192,14 +200,25 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if name in params:
                 p.copy_(params[name])
 
-    def _push_hyperparams(self, gi: int) -> None:
-        """PATCH the hyperparameters that changed locally since they were last sent."""
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, but a parameter twice in one group is refused (torch warns, then steps
+        it twice; a session keeps one state per parameter, so it cannot)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "optimizer contains a parameter group with "
+                                    "duplicate parameters")
+            super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if len(params) != len(set(params)):
+            self.param_groups.pop()
+            raise ValueError("optimizer contains a parameter group with duplicate parameters; "
+                             "torch steps such a parameter once per appearance, a session "
+                             "cannot: pass each parameter once")
+
+    def _changed_hyperparams(self, gi: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The group's hyperparameters, and those changed since last sent (for its step)."""
         gs = self._sessions[gi]
         current = self._hyperparams(gi)
-        changed = {k: v for k, v in current.items() if gs.hyperparams.get(k) != v}
-        if changed:
-            self._client.update_session(gs.id, hyperparams=changed)
-            gs.hyperparams = current
+        return current, {k: v for k, v in current.items() if gs.hyperparams.get(k) != v}
 
     # ------------------------------------------------------------------ torch API
 
@@ -225,11 +244,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 grads[name] = dense_grad(p.grad)
             if not grads:
                 continue
-            self._push_hyperparams(gi)
+            current, changed = self._changed_hyperparams(gi)
             try:
                 result = self._client.step(gs.id, grads, base_version=gs.version,
                                            weight=weight, grad_dtype=self.grad_dtype,
-                                           as_="torch")
+                                           as_="torch", hyperparams=changed or None)
             except StaleGradientError:
                 if self.on_stale == "raise":
                     raise
@@ -238,6 +257,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if result.params is not None:
                 self._write(gi, result.params)
             gs.version = result.version
+            gs.hyperparams = current
         return loss
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -83,12 +83,13 @@ def base_type(content_type: str | None) -> str:
 
 def decode(body: bytes | bytearray | memoryview, content_type: str
            ) -> tuple[dict[str, WireTensor], dict[str, str] | None]:
-    """Decode a tensor body; returns the tensors and the safetensors metadata (JSON: None)."""
+    """Decode a tensor body; returns the tensors and the safetensors metadata (JSON: a
+    step's ``hyperparams`` in that form, else None)."""
     kind = base_type(content_type)
     if kind == SAFETENSORS_TYPE:
         return decode_safetensors(body)
     if kind == JSON_TYPE:
-        return decode_json(body), None
+        return _decode_json(body)
     raise WireError(f"unsupported content type {content_type!r}; use one of {TENSOR_TYPES}")
 
 
@@ -151,13 +152,27 @@ def decode_safetensors(body: bytes | bytearray | memoryview
 
 
 def decode_json(body: bytes | bytearray | memoryview | str) -> dict[str, WireTensor]:
-    """Parse `{"tensors": {name: {dtype, shape, data}}}`."""
+    """Parse `{"tensors": {name: {dtype, shape, data}}}` (and a step's `"hyperparams"`)."""
+    return _decode_json(body)[0]
+
+
+def _decode_json(body: bytes | bytearray | memoryview | str
+                 ) -> tuple[dict[str, WireTensor], dict[str, str] | None]:
+    """The tensors, and a step's `"hyperparams": {...}` in the safetensors metadata form
+    (``{"optserve": '{"hyperparams": {...}}'}``), so both formats carry them alike."""
     try:
         doc = json.loads(body if isinstance(body, str) else bytes(body))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireError(f"body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or set(doc) != {"tensors"} or not isinstance(doc["tensors"], dict):
-        raise WireError('JSON tensor body must be {"tensors": {name: {dtype, shape, data}}}')
+    if not isinstance(doc, dict) or not {"tensors"} <= set(doc) <= {"tensors", "hyperparams"} \
+            or not isinstance(doc["tensors"], dict):
+        raise WireError('JSON tensor body must be {"tensors": {name: {dtype, shape, data}}} '
+                        '(a step may add "hyperparams": {...})')
+    metadata = None
+    if "hyperparams" in doc:
+        if not isinstance(doc["hyperparams"], dict):
+            raise WireError('"hyperparams" must be a JSON object')
+        metadata = {"optserve": json.dumps({"hyperparams": doc["hyperparams"]})}
     out: dict[str, WireTensor] = {}
     for name, info in doc["tensors"].items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data"}:
@@ -179,7 +194,7 @@ def decode_json(body: bytes | bytearray | memoryview | str) -> dict[str, WireTen
         except (OverflowError, ValueError) as exc:
             raise WireError(f"tensor {name!r}: {exc}") from None
         out[name] = WireTensor(dtype, shape, memoryview(raw.reshape(-1)).cast("B"))
-    return out
+    return out, metadata
 
 
 def _is_int(x: Any) -> bool:
@@ -329,13 +344,18 @@ def encode_safetensors_parts(tensors: Mapping[str, Any],
     return out
 
 
-def encode_json(tensors: Mapping[str, Any]) -> bytes:
+def encode_json(tensors: Mapping[str, Any],
+                hyperparams: Mapping[str, Any] | None = None) -> bytes:
+    """The JSON body; a step's ``hyperparams`` ride next to its tensors."""
     out: dict[str, Any] = {}
     for name, value in tensors.items():
         dtype, shape, data = _raw(value)
         arr = to_numpy(WireTensor(dtype, shape, data))
         out[name] = {"dtype": dtype, "shape": list(shape), "data": arr.reshape(-1).tolist()}
-    return json.dumps({"tensors": out}).encode()
+    doc: dict[str, Any] = {"tensors": out}
+    if hyperparams is not None:
+        doc["hyperparams"] = dict(hyperparams)
+    return json.dumps(doc).encode()
 
 
 def encode(tensors: Mapping[str, Any], content_type: str,

@@ -6,17 +6,25 @@ place. The order in which callers run them is the contract's (API.md): 412, 409,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
 
+from optserve_client.spec import (
+    HYPERPARAMS_META_KEY,
+    KERNEL_OPTIONS,
+    kernel_options_refusal,
+)
+from optserve_client.state import TORCH_CLASSES
 from optserve_client.wire import WireTensor
 
 from . import optim
 from .errors import DomainError
 from .session import SessionMeta, TensorSpec
+from .store import keys
 from .store.redis_store import StepTxn
 from .tensors import DTYPES, PARAM_DTYPES, from_bytes
 
@@ -134,7 +142,18 @@ def require_if_match(version: int | None, if_match: IfMatch, what: str) -> None:
 
 
 def validate_hyperparams(optimizer: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Torch's defaults filled in; a refusal naming each bad field and its allowed range."""
+    """Torch's defaults filled in; a refusal naming each bad field and its allowed range.
+
+    torch's kernel options (``foreach``, ...) are checked as torch checks them, then
+    dropped: they choose how torch computes, not what, so they are not stored."""
+    values = dict(values)
+    options = {k: values.pop(k) for k in KERNEL_OPTIONS if k in values}
+    owner = f"torch.optim.{TORCH_CLASSES.get(optimizer, optimizer)}"
+    refusal = kernel_options_refusal(optimizer, options, owner) if options else None
+    if refusal is not None:
+        name, exc = refusal
+        raise DomainError("invalid_hyperparams", f"invalid {optimizer} hyperparameters: "
+                          f"{name}: {exc}", errors=[{"field": name, "msg": str(exc)}])
     try:
         hp = optim.get_optimizer(optimizer).hyperparams.model_validate(values)
     except ValidationError as exc:
@@ -145,3 +164,38 @@ def validate_hyperparams(optimizer: str, values: Mapping[str, Any]) -> dict[str,
         raise DomainError("invalid_hyperparams", f"invalid {optimizer} hyperparameters: "
                           f"{detail}", errors=errors) from None
     return hp.model_dump(mode="json")
+
+
+def parse_step_hyperparams(metadata: Mapping[str, str] | None) -> dict[str, Any] | None:
+    """A step body's hyperparameters: ``__metadata__["optserve"]`` = ``{"hyperparams": {..}}``
+    (a JSON body's top-level ``hyperparams`` arrives in the same form). Structure is 400."""
+    raw = (metadata or {}).get(HYPERPARAMS_META_KEY)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise DomainError("malformed_body", f"__metadata__[{HYPERPARAMS_META_KEY!r}] is not "
+                          f"valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or set(doc) - {"hyperparams"} \
+            or not isinstance(doc.get("hyperparams", {}), dict):
+        raise DomainError("malformed_body", f"__metadata__[{HYPERPARAMS_META_KEY!r}] of a step "
+                          'must be {"hyperparams": {name: value}}')
+    return doc.get("hyperparams")
+
+
+def without_kernel_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in KERNEL_OPTIONS}
+
+
+async def step_hyperparams(txn: StepTxn, meta: SessionMeta, requested: Mapping[str, Any]
+                           ) -> dict[str, Any]:
+    """The session's hyperparameters with a step's changes merged in, checked as PATCH
+    checks them: the optimizer is the session's, ``centered`` is fixed once stepped."""
+    hp = validate_hyperparams(meta.optimizer, {**meta.hyperparams, **requested})
+    if hp.get("centered", False) != meta.hyperparams.get("centered", False):
+        steps = await txn.call("HGET", keys.tensors(meta.id), keys.STEPS)
+        if steps and int(steps):
+            raise DomainError("immutable_hyperparam", "`centered` cannot change once a step "
+                              "has been applied", field="centered")
+    return hp

@@ -25,7 +25,13 @@ from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
 from . import optim
 from .cache import Loaded, TensorCache, nbytes
-from .checks import check_staleness, check_tensors, check_version, locked_session
+from .checks import (
+    check_staleness,
+    check_tensors,
+    check_version,
+    locked_session,
+    step_hyperparams,
+)
 from .errors import DomainError, StoreConflict
 from .session import SessionMeta
 from .settings import Settings
@@ -173,8 +179,12 @@ class Engine:
         if_match: int | None,
         encode: Encoder | None,
         bad_header: DomainError | None = None,
+        hyperparams: Mapping[str, Any] | None = None,
     ) -> StepOutcome:
-        """One async-mode step: replay, or the checks then the step, under the lock."""
+        """One async-mode step: replay, or the checks then the step, under the lock.
+
+        ``hyperparams`` (the body's) are merged, checked as PATCH checks them, and committed
+        with the step's tensors; a replay does not apply them again."""
         sid = meta.id
         if idempotency_key is not None:
             replay = await self.replay(meta, idempotency_key, encode)
@@ -197,9 +207,10 @@ class Engine:
                 raise bad_header
             check_tensors(meta.tensors, grads, what="gradient", require_all=False,
                           dtypes=FLOAT_DTYPES)
+            hp = await step_hyperparams(txn, meta, hyperparams) if hyperparams else None
             try:
                 return await self.step_locked(txn, meta, version, grads, idempotency_key,
-                                              encode)
+                                              encode, hyperparams=hp)
             except BaseException:
                 self.cache.drop(sid)
                 raise
@@ -235,12 +246,20 @@ class Engine:
                           grads: Mapping[str, WireTensor | torch.Tensor],
                           idempotency_key: str | None, encode: Encoder | None,
                           *, extra_idempotency_keys: Iterable[str] = (),
-                          extra: Callable[[Loaded], list[Any]] | None = None) -> StepOutcome:
-        """Apply one step to the locked session and commit it (with `extra` commands)."""
+                          extra: Callable[[Loaded], list[Any]] | None = None,
+                          hyperparams: Mapping[str, Any] | None = None) -> StepOutcome:
+        """Apply one step to the locked session and commit it (with `extra` commands).
+
+        New ``hyperparams`` (validated) apply to this step and are committed with it, in the
+        same transaction as its tensors and version."""
         sid = meta.id
+        new_meta = None
+        if hyperparams is not None and dict(hyperparams) != dict(meta.hyperparams):
+            new_meta = meta.replace(hyperparams=dict(hyperparams))
         opt = optim.get_optimizer(meta.optimizer)
-        hp = opt.hyperparams.model_validate(meta.hyperparams)
+        hp = opt.hyperparams.model_validate((new_meta or meta).hyperparams)
         loaded = await self.load(meta, version, txn)
+        stale = self._momentum_switched_on(meta, new_meta, loaded)
         numel = sum(_numel(w) for w in grads.values())
         touched, stats = await self._offload(self._apply, opt, hp, loaded, grads, numel=numel)
         fields: dict[str, memoryview] = {}
@@ -254,15 +273,32 @@ class Engine:
         loaded.count_bytes()
         await txn.commit(
             new_version, fields, stats=stats, idempotency_key=idempotency_key,
+            delete_fields=[f for f in stale if f not in fields], meta=new_meta,
             extra=more + (extra(loaded) if extra is not None else []),
         )
         loaded.nonce = txn.nonce
+        if new_meta is not None:
+            self.warm(new_meta)
         body = None
         if encode is not None:
             body = await self._offload(encode, loaded.params, numel=numel)
         # `loaded` was taken out of the cache for this step; it goes back after the send.
         return StepOutcome(new_version, body, stats=stats,
                            after_send=lambda: self.cache.put(sid, loaded))
+
+    @staticmethod
+    def _momentum_switched_on(meta: SessionMeta, new_meta: SessionMeta | None,
+                              loaded: Loaded) -> list[str]:
+        """As PATCH does: momentum switched on starts from a fresh buffer, not one left from
+        an earlier stretch with it. Drops those buffers; returns their fields."""
+        if new_meta is None or meta.hyperparams.get("momentum", 0) != 0 \
+                or new_meta.hyperparams.get("momentum", 0) == 0:
+            return []
+        stale = []
+        for name, st in loaded.state.items():
+            if st.pop("momentum_buffer", None) is not None:
+                stale.append(keys.state_field(name, "momentum_buffer"))
+        return stale
 
     def _apply(self, opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
                grads: Mapping[str, WireTensor | torch.Tensor]

@@ -25,7 +25,14 @@ from redis.asyncio import Redis
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
 from .cache import Loaded
-from .checks import check_finite_as_params, check_tensors, check_version, locked_session
+from .checks import (
+    check_finite_as_params,
+    check_tensors,
+    check_version,
+    locked_session,
+    step_hyperparams,
+    without_kernel_options,
+)
 from .engine import Encoder, Engine, StepOutcome
 from .errors import Busy, DomainError
 from .session import SessionMeta
@@ -96,9 +103,12 @@ class SyncRounds:
     async def contribute(self, meta: SessionMeta, grads: dict[str, WireTensor], *,
                          idempotency_key: str | None, base_version: int | None,
                          if_match: int | None, weight: float,
-                         encode: Encoder | None, bad_header: DomainError | None = None
-                         ) -> StepOutcome:
-        """Add one contribution to the round for its version; the last one closes it."""
+                         encode: Encoder | None, bad_header: DomainError | None = None,
+                         hyperparams: Mapping[str, Any] | None = None) -> StepOutcome:
+        """Add one contribution to the round for its version; the last one closes it.
+
+        Contributions carry the same ``hyperparameters`` or none (else 409
+        ``hyperparams_conflict``); the round's step applies them."""
         sid = meta.id
         if idempotency_key is not None:
             replay = await self.engine.replay(meta, idempotency_key, encode)
@@ -139,6 +149,7 @@ class SyncRounds:
                     head = None
                 if head is None:
                     head = RoundHead.open(version, meta.sync.timeout_s)
+                hp = await self._round_hyperparams(txn, meta, head, hyperparams)
                 token = head.token
                 mine = Contribution(weight, idempotency_key, grads)
                 fut = self.notifier.future(token)
@@ -148,15 +159,35 @@ class SyncRounds:
                     elif head.n + 1 >= meta.sync.contributions:
                         self.notifier.forget(token, fut)  # the closer waits for nobody
                         return await self._close(txn, meta, version, token, encode,
-                                                 pending=(cid, mine), before=cmds)
+                                                 pending=(cid, mine), before=cmds, hp=hp)
                     else:
-                        await txn.execute([*cmds, *stored.add_cmds(meta, head, cid, mine)])
+                        await txn.execute([*cmds, *stored.add_cmds(
+                            meta, head, cid, mine, hp if head.hp is None else None)])
                 except BaseException:
                     self.notifier.forget(token, fut)
                     raise
             return await self._wait(meta, token, head.deadline, fut, encode)
         raise DomainError("session_busy", "the session's round kept changing; retry",
                           retry_after=1)
+
+    @staticmethod
+    async def _round_hyperparams(txn: StepTxn, meta: SessionMeta, head: RoundHead,
+                                 requested: Mapping[str, Any] | None
+                                 ) -> dict[str, Any] | None:
+        """The round's hyperparameters with this contribution's: 409 where they differ (as
+        applied to the session's), then checked as a step's are."""
+        if not requested:
+            return head.hp
+        if head.hp is not None:
+            asked = {**meta.hyperparams, **without_kernel_options(requested)}
+            differ = sorted(k for k in set(asked) | set(head.hp)
+                            if asked.get(k) != head.hp.get(k))
+            if differ:
+                raise DomainError("hyperparams_conflict", f"this contribution's hyperparameters "
+                                  f"differ from its round's in {differ}; a round's contributions "
+                                  "carry the same hyperparameters or none",
+                                  fields=differ, hyperparams=head.hp)
+        return await step_hyperparams(txn, meta, requested)
 
     def _checks(self, txn: StepTxn, base_version: int | None, if_match: int | None
                 ) -> tuple[SessionMeta, int]:
@@ -193,7 +224,8 @@ class SyncRounds:
     async def _close(self, txn: StepTxn, meta: SessionMeta, version: int, token: str,
                      encode: Encoder | None,
                      pending: tuple[str, Contribution] | None = None,
-                     before: list[Any] | None = None) -> StepOutcome:
+                     before: list[Any] | None = None,
+                     hp: Mapping[str, Any] | None = None) -> StepOutcome:
         contributions = {} if before else await stored.read_contributions(txn, meta)
         if pending is not None:
             contributions[pending[0]] = pending[1]
@@ -206,7 +238,8 @@ class SyncRounds:
 
         try:
             return await self.engine.step_locked(txn, meta, version, grads, None, encode,
-                                                 extra_idempotency_keys=idem_keys, extra=extra)
+                                                 extra_idempotency_keys=idem_keys, extra=extra,
+                                                 hyperparams=hp)
         except Busy:
             raise
         except DomainError as exc:
@@ -223,7 +256,7 @@ class SyncRounds:
         assert meta.sync is not None
         if head.n >= meta.sync.min_contributions:
             try:
-                return await self._close(txn, meta, version, head.token, encode)
+                return await self._close(txn, meta, version, head.token, encode, hp=head.hp)
             except Busy:
                 raise
             except DomainError:  # a non-finite result fails the round

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from optserve_client import wire
 
+from ..checks import parse_step_hyperparams
 from ..errors import DomainError
 from ..metrics import STEPS
 from .deps import (
@@ -35,7 +36,9 @@ _JSON_TENSORS = {
     "type": "object",
     "required": ["tensors"],
     "additionalProperties": False,
-    "properties": {"tensors": {"type": "object", "additionalProperties": {
+    "properties": {"hyperparams": {
+        "type": "object", "description": "a step's hyperparameters, applied to it (as PATCH)"},
+        "tensors": {"type": "object", "additionalProperties": {
         "type": "object",
         "required": ["dtype", "shape", "data"],
         "additionalProperties": False,
@@ -109,7 +112,10 @@ async def put_params(request: Request, meta: SessionDep, sessions: SessionsDep,
                      settings: SettingsDep) -> Response:
     kind = content_type(request, wire.TENSOR_TYPES)
     body = await read_body(request, settings.max_body_bytes)
-    tensors, _ = decode_tensors(body, kind)
+    tensors, metadata = decode_tensors(body, kind)
+    if kind == wire.JSON_TYPE and metadata is not None:
+        raise DomainError("malformed_body", "`hyperparams` ride only with a step; PATCH the "
+                          "session to change them")
     view = await sessions.replace_params(meta, tensors, if_match_header(request))
     return _json_document(view)
 
@@ -127,7 +133,8 @@ async def step(
     kind = content_type(request, wire.TENSOR_TYPES)
     out_kind = accept(request, kind)
     body = await read_body(request, settings.max_body_bytes)
-    grads, _ = decode_tensors(body, kind)
+    grads, metadata = decode_tensors(body, kind)
+    hyperparams = parse_step_hyperparams(metadata)
     h = request.headers
     if_match = parse_if_match(h.get("if-match")) if h.get(
         "if-match", "").strip() != "*" else None
@@ -151,10 +158,11 @@ async def step(
     if meta.is_sync:
         outcome = await rounds.contribute(meta, grads, idempotency_key=idem, base_version=base,
                                           if_match=if_match, weight=weight, encode=encode,
-                                          bad_header=bad_header)
+                                          bad_header=bad_header, hyperparams=hyperparams)
     else:
         outcome = await engine.step(meta, grads, idempotency_key=idem, base_version=base,
-                                    if_match=if_match, encode=encode, bad_header=bad_header)
+                                    if_match=if_match, encode=encode, bad_header=bad_header,
+                                    hyperparams=hyperparams)
     if not outcome.replayed:
         STEPS.labels(meta.optimizer).inc()
     headers = version_headers(outcome.version)

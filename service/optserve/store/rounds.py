@@ -36,6 +36,7 @@ class RoundHead:
     n: int
     mine: bool = False
     new: bool = False
+    hp: dict[str, Any] | None = None  # the hyperparameters its contributions carry
 
     @classmethod
     def open(cls, version: int, timeout_s: float) -> RoundHead:
@@ -56,15 +57,18 @@ def ttl(meta: SessionMeta) -> int:
 
 
 async def read_head(txn: StepTxn, cid: str) -> RoundHead | None:
-    token, v, deadline, n, mine = await txn.call(
-        "HMGET", keys.round_(txn.sid), "token", "v", "deadline", "n", f"w.{cid}")
+    token, v, deadline, n, mine, hp = await txn.call(
+        "HMGET", keys.round_(txn.sid), "token", "v", "deadline", "n", f"w.{cid}", "hp")
     if token is None:
         return None
-    return RoundHead(token.decode(), int(v), float(deadline), int(n or 0), mine is not None)
+    return RoundHead(token.decode(), int(v), float(deadline), int(n or 0), mine is not None,
+                     hp=json.loads(hp) if hp is not None else None)
 
 
-def add_cmds(meta: SessionMeta, head: RoundHead, cid: str, c: Contribution) -> list[Command]:
-    """Add one contribution to the round (opening it first if `head` is new)."""
+def add_cmds(meta: SessionMeta, head: RoundHead, cid: str, c: Contribution,
+             hp: Mapping[str, Any] | None = None) -> list[Command]:
+    """Add one contribution to the round (opening it first if `head` is new); ``hp``: the
+    round's hyperparameters, set by the first contribution that carries any."""
     rkey = keys.round_(meta.id)
     info = {"weight": c.weight, "idem": c.idem,
             "dtypes": {n: g.dtype for n, g in c.grads.items()}}
@@ -73,6 +77,8 @@ def add_cmds(meta: SessionMeta, head: RoundHead, cid: str, c: Contribution) -> l
         fields += [f"g.{cid}.{name}", g.data]
     if head.new:
         fields += ["token", head.token, "v", str(head.v), "deadline", repr(head.deadline)]
+    if hp is not None:
+        fields += ["hp", json.dumps(dict(hp))]
     return [("HSET", rkey, *fields), ("HINCRBY", rkey, "n", 1), ("EXPIRE", rkey, ttl(meta))]
 
 
