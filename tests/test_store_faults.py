@@ -142,3 +142,31 @@ def test_read_only_after_failover_is_503(
         assert "retry-after" in gone.headers
         assert "READONLY" in gone.json()["detail"]
         assert snapshot(c, sid) == before
+
+
+@pytest.mark.parametrize(("reply", "code"), [
+    ("OOM command not allowed when used memory > 'maxmemory'.", "store_full"),
+    ("READONLY You can't write against a read only replica.", "store_unavailable"),
+    ("MOVED 3999 127.0.0.1:6381", "store_unavailable"),
+    ("ASK 3999 127.0.0.1:6381", "store_unavailable"),
+    ("CLUSTERDOWN The cluster is down", "store_unavailable"),
+    ("TRYAGAIN Multiple keys request during rehashing of slot", "store_unavailable"),
+    ("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+     "store_unavailable"),
+    ("LOADING Redis is loading the dataset in memory", "store_unavailable"),
+    ("ERR Error running script (call to f_1): @user_script:3: @user_script: 3: -OOM "
+     "command not allowed when used memory > 'maxmemory'.", "store_full"),
+    ("ERR Error running script (call to f_1): @user_script:1: @user_script: 1: -READONLY "
+     "You can't write against a read only replica.", "store_unavailable"),
+])
+def test_every_refusal_reply_is_classified(reply: str, code: str) -> None:
+    """Each error reply, parsed by redis-py's own parser, maps to its problem code."""
+    from redis._parsers.base import BaseParser
+
+    from optserve.store.faults import classify
+
+    exc = BaseParser.parse_error(reply)
+    domain = classify(exc)
+    assert domain is not None and domain.code == code and domain.retry_after
+    assert classify(BaseParser.parse_error("ERR unknown command 'FOO'")) is None
+    assert classify(BaseParser.parse_error("WRONGTYPE Operation against a key")) is None
