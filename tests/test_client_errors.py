@@ -44,6 +44,8 @@ def err(status: int, code: str | None = None, **fields: object) -> oc.APIStatusE
     (422, "invalid_header", oc.InvalidHeaderError),
     (422, "invalid_state", oc.InvalidStateError),
     (428, "precondition_required", oc.PreconditionRequiredError),
+    (429, "quota_exceeded", oc.QuotaExceededError),
+    (507, "store_full", oc.StoreFullError),
     (503, "store_unavailable", oc.StoreUnavailableError),
     (503, "session_busy", oc.SessionBusyError),
     (503, "round_expired", oc.RoundExpiredError),
@@ -71,6 +73,9 @@ def test_fields_of_the_problem() -> None:
     assert err(422, "invalid_header", header="X-Optserve-Weight").header == "X-Optserve-Weight"
     assert err(412, "version_mismatch", current_version=3).current_version == 3
     assert err(413, "body_too_large", limit=10).limit == 10
+    e = err(429, "quota_exceeded", quota="bytes", usage=7, limit=8)
+    assert (e.quota, e.usage, e.limit) == ("bytes", 7, 8) and isinstance(e, oc.RateLimitError)
+    assert isinstance(err(507, "store_full"), oc.InsufficientStorageError)
     assert err(409, "stale_gradient").problem["detail"] == "what happened"
 
 

@@ -18,6 +18,7 @@ from optserve_client import (
     AsyncClient,
     Client,
     InternalServerError,
+    QuotaExceededError,
     RateLimitError,
     RawRequest,
     RawResponse,
@@ -145,6 +146,15 @@ def test_no_retry_on_500_or_client_errors() -> None:
         with pytest.raises(InternalServerError if reply.status == 500 else Exception):
             c.step("s1", {"x": np.ones(2)})
         assert len(t.requests) == 1 and sleeps == []
+
+
+def test_quota_exceeded_is_not_retried() -> None:
+    """Waiting does not lift a quota: a 429 quota_exceeded is raised at once."""
+    c, t, sleeps = client([problem(429, "quota_exceeded"), ok_step()])
+    with pytest.raises(QuotaExceededError) as info:
+        c.step("s1", {"x": np.ones(2)})
+    assert isinstance(info.value, RateLimitError)
+    assert len(t.requests) == 1 and sleeps == []
 
 
 def test_max_retries_zero() -> None:

@@ -9,6 +9,7 @@ Idempotency-Key for every try) lives here once.
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import random
 import time
@@ -68,6 +69,8 @@ class RetryPolicy:
     max_delay: float = 8.0
     max_retry_after: float = 60.0
     statuses: frozenset[int] = frozenset({408, 429, 502, 503, 504})
+    final_codes: frozenset[str] = frozenset({"quota_exceeded"})
+    """Problem codes never resent under a retried status: waiting does not lift a quota."""
 
     def backoff(self, attempt: int, retry_after: float | None = None,
                 rng: Callable[[], float] = random.random) -> float:
@@ -95,6 +98,16 @@ class RetryPolicy:
         return self.backoff(attempt, None, rng)
 
 
+def _problem_code(response: RawResponse) -> str | None:
+    """The problem+json ``code`` of an error response, if it has one."""
+    try:
+        doc = json.loads(bytes(response.body)) if response.body else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    code = doc.get("code") if isinstance(doc, dict) else None
+    return code if isinstance(code, str) else None
+
+
 def decide(policy: RetryPolicy, attempt: int, outcome: Outcome, *, idempotent: bool,
            rng: Callable[[], float] = random.random) -> float | None:
     """Seconds to wait before try ``attempt + 1`` after this failed try, or None to give up.
@@ -104,6 +117,8 @@ def decide(policy: RetryPolicy, attempt: int, outcome: Outcome, *, idempotent: b
     """
     if isinstance(outcome, APIConnectionError):
         return policy.delay_for_exception(outcome, idempotent, attempt, rng)
+    if outcome.status in policy.statuses and _problem_code(outcome) in policy.final_codes:
+        return None
     return policy.delay_for_status(outcome.status, outcome.headers, attempt, rng)
 
 

@@ -290,6 +290,17 @@ class RateLimitError(APIStatusError):
     codes = ("rate_limited",)
 
 
+class QuotaExceededError(RateLimitError):
+    """A tenant limit would be exceeded: ``quota`` (``sessions`` or ``bytes``), ``usage``
+    and ``limit`` say which and how far; not retried (delete sessions first)."""
+
+    codes = ("quota_exceeded",)
+
+    quota: str | None = _problem_field("quota")
+    usage: int | None = _problem_field("usage")
+    limit: int | None = _problem_field("limit")
+
+
 class InternalServerError(APIStatusError):
     status_code = 500
     codes = ("internal_error",)
@@ -307,6 +318,16 @@ class StoreUnavailableError(ServiceUnavailableError):
 
 class SessionBusyError(ServiceUnavailableError):
     codes = ("session_busy",)
+
+
+class InsufficientStorageError(InternalServerError):
+    """507: the server cannot store what the request would add."""
+
+    status_code = 507
+
+
+class StoreFullError(InsufficientStorageError):
+    codes = ("store_full",)
 
 
 class RoundExpiredError(ServiceUnavailableError):

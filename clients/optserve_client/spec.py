@@ -93,11 +93,13 @@ PROBLEMS: Final = MappingProxyType({
     "non_finite_parameter": (422, "a parameter has NaN or infinite values"),
     "non_finite_result": (422, "the step would make parameters or state non-finite"),
     "precondition_required": (428, "replacing tensors needs If-Match"),
+    "quota_exceeded": (429, "a tenant limit (sessions or stored bytes) would be exceeded"),
     "http_error": (400, "another HTTP-level error (status as sent)"),
     "internal_error": (500, "an unexpected server error"),
     "session_busy": (503, "the session's lock could not be had in time"),
     "round_expired": (503, "a sync round's result expired before it was read"),
-    "store_unavailable": (503, "the state store cannot be reached"),
+    "store_unavailable": (503, "the state store cannot be reached or cannot take writes"),
+    "store_full": (507, "the state store is out of memory; deleting sessions frees space"),
 })
 """Every problem ``code`` the service sends, with its status. ``http_error`` carries the
 status of the HTTP error it stands for."""

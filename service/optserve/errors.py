@@ -49,3 +49,31 @@ class SessionBusy(Busy):
 class StoreConflict(Busy):
     """The version moved under a commit (a lock expired mid-step): nothing was written."""
 
+
+
+class StoreFull(DomainError):
+    """Redis refused a write: out of memory (``maxmemory`` with ``noeviction``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("store_full", "the state store is out of memory; nothing was "
+                         f"applied. Deleting sessions frees space ({reason})", retry_after=30)
+
+
+class StoreUnavailable(DomainError):
+    """Redis cannot take this command now (a replica, a failover, a cluster move, loading)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("store_unavailable", "the state store cannot take this request now; "
+                         f"nothing was applied, retry shortly ({reason})", retry_after=1)
+
+
+class QuotaExceeded(DomainError):
+    """A tenant limit would be exceeded: ``quota`` names it (``sessions`` or ``bytes``)."""
+
+    def __init__(self, tenant: str, quota: str, usage: int, limit: int, wanted: int) -> None:
+        what = "sessions" if quota == "sessions" else "stored tensor bytes"
+        super().__init__(
+            "quota_exceeded",
+            f"tenant {tenant!r} is at {usage} {what} of its limit of {limit} "
+            f"(OPTSERVE_TENANT_MAX_{quota.upper()}); this request needs {wanted} more. "
+            "Delete sessions to free quota", quota=quota, usage=usage, limit=limit)

@@ -7,7 +7,8 @@ locked transaction, the cache and the fused-kernel warm-up. The routes only tran
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +25,11 @@ from .checks import (
     validate_hyperparams,
 )
 from .engine import Engine
-from .errors import DomainError
+from .errors import DomainError, QuotaExceeded
 from .session import SessionHead, SessionMeta, SyncSpec, describe
-from .store import keys
+from .store import keys, quotas
 from .store import rounds as stored
-from .store.redis_store import now
+from .store.redis_store import StepTxn, now
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Sessions:
         self.engine = engine
         self.store = engine.store
         self.settings = engine.settings
+        self.limits = quotas.Limits(self.settings.tenant_max_sessions,
+                                    self.settings.tenant_max_bytes)
 
     async def view(self, meta: SessionMeta) -> View:
         return View(meta, await self.store.head(meta.id))
@@ -92,20 +95,63 @@ class Sessions:
             id=secrets.token_urlsafe(18), tenant=tenant, name=name, optimizer=optimizer,
             hyperparams=hp, mode=mode, max_staleness=max_staleness, sync=sync_spec,
             tensors=describe(params) if params is not None else {}, created_at=now())
-        await self.store.create(meta, fields)
+        if idempotency_key is not None and (replay := await self._replay(
+                tenant, idempotency_key, None)) is not None:
+            return replay
+        run = self.store.redis.execute_command
+        try:
+            await quotas.charge(run, tenant, meta.id, quotas.stored_bytes(params or {}),
+                                self.limits, new=True)
+        except QuotaExceeded:  # a retry of a create that took the last slot: its session
+            if idempotency_key is not None and (replay := await self._replay(
+                    tenant, idempotency_key, None)) is not None:
+                return replay
+            raise
+        try:
+            await self.store.create(meta, fields)
+        except BaseException:
+            await quotas.release(run, tenant, meta.id)
+            raise
         if idempotency_key is not None:
             first = await self.store.claim_create(tenant, idempotency_key, meta.id,
                                                   self.settings.idempotency_ttl_s)
             if first != meta.id:  # a retry: drop this one, answer with the first
                 await self.store.delete(meta.id, tenant)
-                existing = await self.store.get_meta(first)
-                if existing is not None and existing.tenant == tenant:
-                    return View(existing, await self.store.head(first), replayed=True)
+                replay = await self._replay(tenant, idempotency_key, first)
+                if replay is not None:
+                    return replay
                 raise DomainError("idempotency_key_reused", "this Idempotency-Key created a "
                                   "session that has since been deleted; use a new key",
                                   current_version=None)
         self.engine.warm(meta)
         return View(meta, SessionHead(0 if fields is not None else None, None, 0, None, None))
+
+    async def _replay(self, tenant: str, key: str, first: str | None) -> View | None:
+        """The session an earlier create with this key made (`first`, else as recorded)."""
+        if first is None:
+            raw = await self.store.redis.get(keys.create_idempotency(tenant, key))
+            if raw is None:
+                return None
+            first = raw.decode()
+        existing = await self.store.get_meta(first)
+        if existing is not None and existing.tenant == tenant:
+            return View(existing, await self.store.head(first), replayed=True)
+        return None
+
+    @asynccontextmanager
+    async def _charging(self, txn: StepTxn, meta: SessionMeta, params: Mapping[str, Any]
+                        ) -> AsyncIterator[None]:
+        """Charge the session for `params` (the quota checked) before the commit inside;
+        undo the charge when the commit fails (nothing was written then). The charge runs
+        on the transaction's own connection: no second pooled one is held."""
+        tenant = meta.tenant or ""
+        previous = await quotas.charge(txn.call, tenant, meta.id, quotas.stored_bytes(params),
+                                       self.limits, new=False)
+        try:
+            yield
+        except BaseException:
+            await quotas.restore(self.store.redis.execute_command, tenant, meta.id, previous)
+            raise
 
     async def patch(self, meta: SessionMeta, *, optimizer: str | None,
                     hyperparams: Mapping[str, Any] | None, changes: Mapping[str, Any]) -> View:
@@ -157,8 +203,9 @@ class Sessions:
             new_meta = meta.replace(tensors=describe(tensors)) if declared is None else None
             self.engine.cache.drop(sid)
             abandon = await stored.abandon_cmds(txn, meta)
-            await txn.commit(0 if version is None else version + 1, fields, count_step=False,
-                             meta=new_meta, extra=abandon)
+            async with self._charging(txn, meta, tensors):
+                await txn.commit(0 if version is None else version + 1, fields,
+                                 count_step=False, meta=new_meta, extra=abandon)
             meta = new_meta or meta
         self.engine.warm(meta)
         return await self.view(meta)
@@ -177,10 +224,11 @@ class Sessions:
                                     tensors=describe(new.params))
             self.engine.cache.drop(sid)
             abandon = await stored.abandon_cmds(txn, meta)
-            await txn.commit(0 if version is None else version + 1, new.fields,
-                             count_step=False, delete_fields=stale, meta=new_meta,
-                             extra=[("HSET", keys.tensors(sid), keys.STEPS, new.steps),
-                                    *abandon])
+            async with self._charging(txn, meta, new.params):
+                await txn.commit(0 if version is None else version + 1, new.fields,
+                                 count_step=False, delete_fields=stale, meta=new_meta,
+                                 extra=[("HSET", keys.tensors(sid), keys.STEPS, new.steps),
+                                        *abandon])
         self.engine.warm(new_meta)
         return await self.view(new_meta)
 
@@ -225,7 +273,7 @@ class Sessions:
         }
 
     async def delete(self, meta: SessionMeta) -> None:
-        """Delete the session once a step in flight (holding its lock) is done."""
-        async with self.store.step_txn(meta.id):
-            await self.store.delete(meta.id, meta.tenant or "")
+        """Delete the session once a step in flight (holding its lock) is done; this works
+        when Redis is out of memory too (see `Store.delete`), and frees the tenant's quota."""
+        await self.store.delete(meta.id, meta.tenant or "")
         self.engine.cache.drop(meta.id)

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(
         512, ge=2, description="Redis connections per process; a request waits when all are busy."
     )
+    tenant_max_sessions: int | None = Field(
+        None, ge=0, description="Sessions per tenant; unset: unlimited (429 quota_exceeded)."
+    )
+    tenant_max_bytes: int | None = Field(
+        None, ge=0, description="Stored tensor bytes per tenant (parameters and the state "
+        "steps will make, see README); unset: unlimited."
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = Field(1, ge=1)

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from optserve_client.spec import status_of
 
 from ..errors import DomainError
+from ..store.faults import classify
 
 log = logging.getLogger("optserve")
 
@@ -36,8 +37,10 @@ TITLES = {
     415: "Unsupported media type",
     422: "Unprocessable content",
     428: "Precondition required",
+    429: "Too many requests",
     500: "Internal server error",
     503: "Service unavailable",
+    507: "Insufficient storage",
 }
 
 
@@ -113,6 +116,7 @@ def _status_code(status: int) -> str:
 def install(app: FastAPI) -> None:
     """Route every error path (ours, FastAPI's validation, Starlette's HTTP, Redis) to problems."""
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     @app.exception_handler(Problem)
@@ -158,7 +162,16 @@ def install(app: FastAPI) -> None:
         return Problem("internal_error", "an unexpected error; nothing was applied "
                        "unless the response said so").response(request.url.path)
 
+    async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
+        """Redis out of memory, read-only, moved or down: a problem of its own, not a 500."""
+        domain = classify(exc)
+        if domain is None:
+            return await _unexpected(request, exc)
+        log.warning("state store refused %s %s: %s", request.method, request.url.path, exc)
+        return Problem.of(domain).response(request.url.path)
+
     app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(RedisError, _redis_refused)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     app.add_exception_handler(ConnectionError, _redis_down)

@@ -46,6 +46,19 @@ def tenant_sessions(tenant: str) -> str:
     return f"{PREFIX}:tenant:{{t:{tenant}}}:sessions"
 
 
+def tenant_usage(tenant: str) -> str:
+    """Quota usage: session id -> the stored bytes charged to it (HLEN: the session count)."""
+    return f"{PREFIX}:tenant:{{t:{tenant}}}:usage"
+
+
+def tenant_bytes(tenant: str) -> str:
+    """The sum of `tenant_usage`'s values (dropped when it cannot be updated; rebuilt)."""
+    return f"{PREFIX}:tenant:{{t:{tenant}}}:bytes"
+
+
+HEALTH = f"{PREFIX}:health"  # /readyz writes it (with a TTL) to prove Redis takes writes
+
+
 # Fields of the tensor hash.
 VERSION = "v"
 UPDATED = "u"

@@ -21,7 +21,8 @@ from redis.exceptions import ResponseError
 
 from ..errors import SessionBusy, StoreConflict
 from ..session import SessionHead, SessionMeta
-from . import keys
+from . import keys, quotas
+from .faults import classify, first_refusal, raise_classified
 
 Buffer = bytes | bytearray | memoryview
 
@@ -69,6 +70,15 @@ class Store:
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
+
+    async def check_writable(self) -> None:
+        """Raise unless Redis takes a write now: one tiny SET with a TTL, which Redis refuses
+        exactly when a session write would be refused (OOM, a read-only replica, a cluster
+        slot moved or down, still loading), at the cost of one round trip."""
+        try:
+            await self.redis.set(keys.HEALTH, "1", px=10_000)
+        except Exception as exc:
+            raise_classified(exc)
 
     # ------------------------------------------------------------------ documents
 
@@ -118,14 +128,33 @@ class Store:
         ids = await self.redis.smembers(keys.tenant_sessions(tenant))
         return sorted(i.decode() for i in ids)
 
-    async def delete(self, sid: str, tenant: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.meta(sid), keys.tensors(sid), keys.round_(sid))
-            await pipe.execute()
+    async def delete(self, sid: str, tenant: str, *, wait_s: float | None = None) -> bool:
+        """Delete a session once no step holds its lock; release its quota and index entry.
+
+        One Lua call checks the lock and deletes the keys, rather than taking the lock: SET
+        and MULTI are refused when Redis is out of memory, DEL is not, so a tenant can
+        always free space. A step in flight holds the lock, so the call waits (polling, up
+        to `wait_s`, default the lock's lifetime) for it to finish, as before. Returns
+        whether this call deleted the session (False: it was gone already).
+        """
+        wait_s = self.lock_timeout_s if wait_s is None else wait_s
+        deadline = time.monotonic() + wait_s
+        delay = 0.0005
+        while True:
+            deleted = await self.redis.eval(_DELETE, 4, keys.lock(sid), keys.meta(sid),
+                                            keys.tensors(sid), keys.round_(sid))
+            if deleted != -1:
+                break
+            if time.monotonic() > deadline:
+                raise SessionBusy(f"session {sid} stayed locked for {wait_s} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.002)
         await self.redis.srem(keys.tenant_sessions(tenant), sid)
+        await quotas.release(self.redis.execute_command, tenant, sid)
         # Idempotency records expire by themselves; drop them now anyway.
         async for key in self.redis.scan_iter(match=keys.idempotency(sid, "*"), count=1000):
             await self.redis.delete(key)
+        return bool(deleted)
 
     # ------------------------------------------------------------------ tensors
 
@@ -168,6 +197,11 @@ class Store:
         raw = await self.redis.get(keys.idempotency(sid, key))
         return json.loads(raw) if raw else None
 
+
+_DELETE = """
+if redis.call('exists', KEYS[1]) == 1 then return -1 end
+return redis.call('del', KEYS[2], KEYS[3], KEYS[4])
+"""
 
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -220,7 +254,7 @@ class StepTxn:
             for reply in (got, raw_meta, head):
                 if isinstance(reply, Exception):  # e.g. OOM or READONLY: not "lock held"
                     await self._batch([("UNWATCH",)])
-                    raise reply
+                    raise_classified(reply)
             if got:
                 break
             await self._batch([("UNWATCH",)])
@@ -239,7 +273,7 @@ class StepTxn:
         pooled connection is held, so a full pool cannot deadlock steps)."""
         (reply,) = await self._batch([command])
         if isinstance(reply, Exception):
-            raise reply
+            raise_classified(reply)
         return reply
 
     async def commit(self, new: int, fields: Mapping[str, Buffer], *,
@@ -296,8 +330,11 @@ class StepTxn:
         self.done = True
         self.locked = False
         exec_reply = replies[-2]
-        if isinstance(exec_reply, Exception):
-            raise exec_reply
+        if isinstance(exec_reply, Exception):  # EXECABORT: a queued command was refused
+            cause = first_refusal(replies[1:-2])
+            if cause is not None:
+                raise cause from exec_reply
+            raise classify(exec_reply) or exec_reply
         if exec_reply is None:
             raise StoreConflict(f"session {sid} changed during the step (its lock expired)")
         return list(exec_reply)
