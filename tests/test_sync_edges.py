@@ -50,12 +50,20 @@ def test_replacing_params_fails_the_open_round(live_server: str) -> None:
         assert decode(out[0])["w"].item() == -1.0
 
 
-def test_deleting_the_session_ends_its_waiters(live_server: str) -> None:
+def test_deleting_the_session_ends_its_waiters(live_server: str, redis_url: str) -> None:
+    import redis
+
+    from optserve.store import keys
+
     with httpx.Client(base_url=live_server, timeout=60) as c:
         s = sgd_sync(c, contributions=2, timeout_s=0.5)
         out: list = []
         waiter = push_in_thread(live_server, s["id"], 1.0, out)
-        time.sleep(0.2)
+        # Delete once the contribution has landed (a loaded machine may take a while).
+        with redis.Redis.from_url(redis_url) as r:
+            deadline = time.monotonic() + 10
+            while not r.exists(keys.round_(s["id"])) and time.monotonic() < deadline:
+                time.sleep(0.01)
         assert c.delete(f"/v1/sessions/{s['id']}").status_code == 204
         waiter.join(timeout=10)
         assert not waiter.is_alive()
