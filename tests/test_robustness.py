@@ -92,7 +92,13 @@ def test_sigkill_mid_stream_leaves_one_version(make_server) -> None:
     threads = [threading.Thread(target=stream) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    # Kill mid-stream once steps are landing (a loaded machine may take a while to start).
+    with httpx.Client(base_url=b.url, timeout=60) as c:
+        deadline = time.monotonic() + 30
+        while (c.get(f"/v1/sessions/{sid}").json()["version"] or 0) < 3 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+    time.sleep(0.2)
     a.kill()
     stop.set()
     for t in threads:
