@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 import torch
 
 from optserve_client import Client
@@ -62,6 +63,12 @@ def test_round_one_by_a_b_round_two_by_c_d_e(make_server) -> None:
         run_all([lambda k=k: contribute(k) for k in range(3)])
         assert [o.last for o in opts] == [StepReport(1, 2, "applied", 1)] * 3
         assert ca.get_session(sid).version == 2
+        # The SDK passes sync changes through (PATCH, merged by the server).
+        doc = cb.update_session(sid, sync={"min_weight": 1})
+        assert doc.sync == {"contributions": None, "min_contributions": None,
+                            "timeout_s": 60.0, "target_weight": 4.0, "min_weight": 1.0}
+        with pytest.raises(ValueError, match="target_weight"):
+            create_sync_session(ca, {"w": np.zeros(1, np.float32)})
 
     ref = torch.zeros(n, requires_grad=True)
     opt = torch.optim.RMSprop([ref], lr=0.01, momentum=0.9)
