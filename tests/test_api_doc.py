@@ -37,6 +37,8 @@ def test_every_curl_example_runs(live_server: str, tmp_path: Path) -> None:
     assert re.search(r"(?im)^x-optserve-version: 2", text)
     assert '"code":"unknown_tensor"' in text
     assert "200 200" in text  # both sync contributions answered
+    assert '200 200 200 \n{"contributions":null,"min_contributions":null,"timeout_s":30,' \
+        '"target_weight":32,"min_weight":32}\nx-optserve-version: 2' in text  # target weight
     assert "204 204 204" in text
     assert text.rstrip().endswith("session_not_found")
 

@@ -72,11 +72,13 @@ class DataParallelOptimizer:
     and ``world_size`` default to those variables; explicit arguments win (``LOCAL_RANK``
     is not used: device placement is the model's). ``session`` may then be a *name*,
     default ``$OPTSERVE_SESSION``: rank 0 creates a sync session of that name for
-    ``world_size`` contributions from its model (``optimizer``, ``hyperparams``, rounds
-    closing ``round_timeout_s`` after their first push) unless one exists; the other ranks
-    wait up to ``wait_s`` for it and attach (see `optserve_client.rendezvous`). An existing
-    session of that name is attached by all ranks: the launch continues it. Without a
-    known world size nothing is created: ``session`` must name an existing session.
+    ``world_size`` contributions (or, given ``target_weight``, rounds closing when the
+    ranks' ``step(weight=...)`` add up to it) from its model (``optimizer``,
+    ``hyperparams``, rounds closing ``round_timeout_s`` after their first push) unless one
+    exists; the other ranks wait up to ``wait_s`` for it and attach (see
+    `optserve_client.rendezvous`). An existing session of that name is attached by all
+    ranks: the launch continues it. Without a known world size nothing is created:
+    ``session`` must name an existing session.
     """
 
     def __init__(self, params: Any, client: Client, session: str | Session | None = None,
@@ -85,7 +87,8 @@ class DataParallelOptimizer:
                  max_recomputes: int = 3, round_retries: int = 2,
                  grad_dtype: str | None = None, pull: bool = True,
                  optimizer: str = "rmsprop", hyperparams: Mapping[str, Any] | None = None,
-                 round_timeout_s: float = 60.0, wait_s: float = 120.0) -> None:
+                 round_timeout_s: float = 60.0, target_weight: float | None = None,
+                 wait_s: float = 120.0) -> None:
         import torch  # noqa: F401  (the torch part of the SDK)
 
         self.tensors: dict[str, torch.Tensor] = named(params)
@@ -98,10 +101,14 @@ class DataParallelOptimizer:
         else:
             doc = shared_session(client, session, rank=rank, wait_s=wait_s, create=(
                 lambda name: create_sync_session(
-                    client, self.tensors, world_size, timeout_s=round_timeout_s,
+                    client, self.tensors, None if target_weight else world_size,
+                    timeout_s=round_timeout_s, target_weight=target_weight,
                     optimizer=optimizer, name=name, **(hyperparams or {}))))
-        contributions = (doc.sync or {}).get("contributions")
-        if world_size is not None and doc.mode == "sync" and contributions != world_size:
+        sync = doc.sync or {}
+        contributions = sync.get("contributions")
+        # A round closing at a target weight takes any number of ranks.
+        if world_size is not None and doc.mode == "sync" and not sync.get("target_weight") \
+                and contributions != world_size:
             raise ValueError(f"session {doc.id} takes {contributions} contributions a round, "
                              f"the launch has {world_size} ranks")
         self.worker: SyncWorker | AsyncWorker

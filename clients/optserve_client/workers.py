@@ -3,9 +3,10 @@
 Each worker computes gradients on its own shard and pushes them; the service holds the one
 optimizer state. Two ways to combine the workers:
 
-* **sync** (`SyncWorker`): the session is in sync mode with ``contributions = K``. A push
-  names the round by the version its gradients were computed on
-  (``X-Optserve-Base-Version``) and carries a weight (e.g. the batch size), then waits
+* **sync** (`SyncWorker`): the session is in sync mode with ``contributions = K`` (or a
+  ``target_weight``: rounds close when the pushes' weights add up to it, so workers may come
+  and go between rounds). A push names the round by the version its gradients were computed
+  on (``X-Optserve-Base-Version``) and carries a weight (e.g. the batch size), then waits
   until the round closes; every worker gets the same new parameters. K workers with batch
   B each are then exactly one optimizer stepping on the weighted-mean gradient of the K*B
   examples (the server sums in float64).
@@ -67,18 +68,30 @@ class StepReport:
     recomputes: int = 0
 
 
-def create_sync_session(client: Client, params: Any, workers: int, *,
+def create_sync_session(client: Client, params: Any, workers: int | None = None, *,
                         min_contributions: int | None = None, timeout_s: float = 60.0,
+                        target_weight: float | None = None, min_weight: float | None = None,
                         optimizer: str = "rmsprop", name: str | None = None,
                         **hyperparams: Any) -> Session:
-    """A sync-mode session for ``workers`` data-parallel workers.
+    """A sync-mode session for ``workers`` data-parallel workers, or for rounds that close
+    when the pushes' weights add up to ``target_weight`` (a target batch size: any number
+    of workers), or whichever of the two comes first.
 
     ``params``: the initial parameters (mapping, (name, tensor) pairs, or a torch module).
-    ``min_contributions`` (default ``workers``): what a round needs at its deadline,
-    ``timeout_s`` after its first contribution; with fewer the round fails and is retried.
+    ``min_contributions`` (default ``workers``) / ``min_weight`` (default ``target_weight``):
+    what a round needs at its deadline, ``timeout_s`` after its first contribution; with
+    less the round fails and is retried.
     """
-    sync: dict[str, Any] = {"contributions": int(workers), "timeout_s": float(timeout_s),
-                            "min_contributions": int(min_contributions or workers)}
+    if workers is None and target_weight is None:
+        raise ValueError("give workers, target_weight or both")
+    sync: dict[str, Any] = {"timeout_s": float(timeout_s)}
+    if workers is not None:
+        sync |= {"contributions": int(workers),
+                 "min_contributions": int(min_contributions or workers)}
+    if target_weight is not None:
+        sync["target_weight"] = float(target_weight)
+        if min_weight is not None:
+            sync["min_weight"] = float(min_weight)
     return client.create_session(optimizer, hyperparams, params_of(params), mode="sync",
                                  sync=sync, name=name)
 

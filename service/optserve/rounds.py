@@ -4,7 +4,9 @@ Contributions live in Redis (the session's ``round`` hash), so any server proces
 one and any can close the round; the session lock and the WATCH on the tensors make exactly
 one process apply it. Waiters are woken through Redis pub/sub, with a once-a-second look at
 the round's outcome key as a safety net; at the deadline any waiter closes the round (with at
-least ``min_contributions``) or fails it, so a worker that dies mid-round hangs nobody.
+least ``min_contributions`` or ``min_weight``) or fails it, so a worker that dies mid-round
+hangs nobody. A round closes when it has ``contributions`` or its weights add up to
+``target_weight`` (whichever comes first), by the settings it opened with.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class SyncRounds:
                          if_match: int | None, weight: float,
                          encode: Encoder | None, bad_header: DomainError | None = None,
                          hyperparams: Mapping[str, Any] | None = None) -> StepOutcome:
-        """Add one contribution to the round for its version; the last one closes it.
+        """Add one contribution to the round for its version; the one that fills it (by
+        count or by accumulated weight) closes it.
 
         Contributions carry the same ``hyperparameters`` or none (else 409
         ``hyperparams_conflict``); the round's step applies them."""
@@ -145,10 +148,11 @@ class SyncRounds:
                 cmds: list[Any] = []
                 if head is not None and head.v != version:
                     # Left over from before the parameters were replaced: its waiters fail.
-                    cmds += stored.fail_cmds(meta, head.token, head.v, head.n, "superseded")
+                    cmds += stored.fail_cmds(meta, head.token, head.v, head.n, "superseded",
+                                             head)
                     head = None
                 if head is None:
-                    head = RoundHead.open(version, meta.sync.timeout_s)
+                    head = RoundHead.open(version, meta.sync)
                 hp = await self._round_hyperparams(txn, meta, head, hyperparams)
                 token = head.token
                 mine = Contribution(weight, idempotency_key, grads)
@@ -156,10 +160,11 @@ class SyncRounds:
                 try:
                     if head.mine:  # a retry of a contribution already in this round
                         await txn.finish()
-                    elif head.n + 1 >= meta.sync.contributions:
+                    elif head.rule.full(head.n + 1, head.weight + weight):
                         self.notifier.forget(token, fut)  # the closer waits for nobody
                         return await self._close(txn, meta, version, token, encode,
-                                                 pending=(cid, mine), before=cmds, hp=hp)
+                                                 pending=(cid, mine), before=cmds, hp=hp,
+                                                 head=head)
                     else:
                         await txn.execute([*cmds, *stored.add_cmds(
                             meta, head, cid, mine, hp if head.hp is None else None)])
@@ -225,7 +230,8 @@ class SyncRounds:
                      encode: Encoder | None,
                      pending: tuple[str, Contribution] | None = None,
                      before: list[Any] | None = None,
-                     hp: Mapping[str, Any] | None = None) -> StepOutcome:
+                     hp: Mapping[str, Any] | None = None, head: RoundHead | None = None
+                     ) -> StepOutcome:
         contributions = {} if before else await stored.read_contributions(txn, meta)
         if pending is not None:
             contributions[pending[0]] = pending[1]
@@ -247,22 +253,22 @@ class SyncRounds:
             # rather than leaving it to be retried (and refused) forever.
             if not txn.done:
                 await txn.execute([*(before or []), *stored.fail_cmds(
-                    meta, token, version, len(contributions), exc.code)])
+                    meta, token, version, len(contributions), exc.code, head)])
             raise
 
     async def _settle(self, txn: StepTxn, meta: SessionMeta, version: int,
                       head: RoundHead, encode: Encoder | None) -> StepOutcome | None:
         """At the deadline: step with what arrived (if enough), else fail the round."""
-        assert meta.sync is not None
-        if head.n >= meta.sync.min_contributions:
+        if head.rule.enough(head.n, head.weight):
             try:
-                return await self._close(txn, meta, version, head.token, encode, hp=head.hp)
+                return await self._close(txn, meta, version, head.token, encode, hp=head.hp,
+                                         head=head)
             except Busy:
                 raise
             except DomainError:  # a non-finite result fails the round
                 return None
         await txn.execute(stored.fail_cmds(meta, head.token, version, head.n,
-                                           "too_few_contributions"))
+                                           "too_few_contributions", head))
         return None
 
     async def _wait(self, meta: SessionMeta, token: str, deadline: float,
@@ -315,10 +321,12 @@ class SyncRounds:
                               "NaN or infinite; nothing was applied",
                               current_version=outcome["version"], reason="non_finite_result")
         if outcome["status"] == "failed":
+            needs = outcome.get("needs") or f"min_contributions={meta.sync.min_contributions}"
             raise DomainError("round_failed", f"the round for version {outcome['version']} "
-                              f"timed out with {outcome.get('received', 0)} contribution(s), "
-                              f"fewer than min_contributions={meta.sync.min_contributions}; "
-                              "nothing was applied", current_version=outcome["version"])
+                              f"timed out with {outcome.get('received', 0)} contribution(s) "
+                              f"of total weight {outcome.get('weight', 0):g}, short of "
+                              f"{needs}; nothing was applied",
+                              current_version=outcome["version"])
         version = int(outcome["version"])
         body = None
         if encode is not None:

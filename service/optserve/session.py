@@ -31,17 +31,56 @@ class TensorSpec:
         return {"dtype": self.dtype, "shape": list(self.shape)}
 
 
+#: Accumulated weights are float sums: a round "reaches" a weight within this rounding.
+WEIGHT_RTOL = 1e-9
+
+
 @dataclass(frozen=True)
 class SyncSpec:
-    """A sync session's round: how many contributions close it, how few still count."""
+    """A sync session's round: what closes it at once (a contribution count, an accumulated
+    weight, or whichever of the two comes first) and what still steps at its deadline.
 
-    contributions: int
-    min_contributions: int
+    A minimum belongs to its closing rule (``min_contributions`` to ``contributions``,
+    ``min_weight`` to ``target_weight``); at the deadline a round steps if it meets any.
+    """
+
+    contributions: int | None
+    min_contributions: int | None
     timeout_s: float
+    target_weight: float | None = None
+    min_weight: float | None = None
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> SyncSpec:
+        return cls(**doc)
+
+    def full(self, n: int, weight: float) -> bool:
+        """Whether a round with ``n`` contributions of total ``weight`` closes now."""
+        return _reached(n, self.contributions) or _reached(weight, self.target_weight)
+
+    def enough(self, n: int, weight: float) -> bool:
+        """Whether a round that is not full steps at its deadline (else it fails)."""
+        return _reached(n, self.min_contributions) or _reached(weight, self.min_weight)
+
+    def needs(self) -> str:
+        """The deadline's minimums, as an error message names them."""
+        parts = [f"min_contributions={self.min_contributions}"
+                 if self.min_contributions is not None else "",
+                 f"min_weight={self.min_weight:g}" if self.min_weight is not None else ""]
+        return " or ".join(p for p in parts if p)
 
     def to_json(self) -> dict[str, Any]:
-        return {"contributions": self.contributions,
-                "min_contributions": self.min_contributions, "timeout_s": self.timeout_s}
+        # A count-only round writes the three keys it always wrote (older readers read it).
+        doc: dict[str, Any] = {"contributions": self.contributions,
+                               "min_contributions": self.min_contributions,
+                               "timeout_s": self.timeout_s}
+        if self.target_weight is not None:
+            doc |= {"target_weight": self.target_weight, "min_weight": self.min_weight}
+        return doc
+
+
+def _reached(value: float, threshold: float | None) -> bool:
+    return threshold is not None and value >= threshold * (1 - WEIGHT_RTOL)
 
 
 Tensors = Mapping[str, TensorSpec]
@@ -76,7 +115,7 @@ class SessionMeta:
             id=doc["id"], tenant=doc.get("tenant"), name=doc.get("name"),
             optimizer=doc["optimizer"], hyperparams=doc["hyperparams"],
             mode=doc.get("mode", "async"), max_staleness=doc.get("max_staleness"),
-            sync=SyncSpec(**sync) if sync is not None else None,
+            sync=SyncSpec.from_json(sync) if sync is not None else None,
             tensors={n: TensorSpec(s["dtype"], tuple(s["shape"]))
                      for n, s in doc["tensors"].items()},
             created_at=doc["created_at"],

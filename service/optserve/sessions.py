@@ -41,6 +41,42 @@ class View:
     replayed: bool = False
 
 
+def sync_settings(given: Mapping[str, Any], old: SyncSpec | None = None) -> SyncSpec:
+    """Checked sync settings: ``given`` over ``old`` (a PATCH; a null field removes it).
+
+    A minimum left out defaults to its target (a round not full at its deadline fails); on
+    a PATCH it keeps its value if that was below its old target, else follows the new one.
+    """
+    def pick(name: str) -> Any:
+        return given[name] if name in given else getattr(old, name, None)
+
+    def least(name: str, of: str, target: float | None) -> Any:
+        if given.get(name) is not None:
+            if target is None:
+                raise DomainError("invalid_request", f"sync.{name} needs sync.{of}",
+                                  field=f"sync.{name}")
+            value = given[name]
+        elif old is not None and name not in given and getattr(old, name) is not None \
+                and getattr(old, name) != getattr(old, of):
+            value = getattr(old, name)  # set below its target earlier: kept
+        else:
+            value = None
+        if target is None:
+            return None
+        if value is not None and value > target:
+            raise DomainError("invalid_request", f"sync.{name} cannot exceed sync.{of}",
+                              field=f"sync.{name}")
+        return target if value is None else value
+
+    contributions, target = pick("contributions"), pick("target_weight")
+    if contributions is None and target is None:
+        raise DomainError("invalid_request", "sync needs `contributions`, `target_weight` or "
+                          "both", field="sync")
+    return SyncSpec(contributions, least("min_contributions", "contributions", contributions),
+                    float(pick("timeout_s") or 60.0), target,
+                    least("min_weight", "target_weight", target))
+
+
 class Sessions:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -76,16 +112,9 @@ class Sessions:
         optimizer = optimizer or "rmsprop"
         hp = validate_hyperparams(optimizer, hyper)
         if mode == "sync" and sync is None:
-            raise DomainError("invalid_request", "sync mode needs `sync.contributions`")
-        sync_spec = None
-        if sync is not None:
-            least = sync["min_contributions"]
-            if least is None:
-                least = sync["contributions"]
-            if least > sync["contributions"]:
-                raise DomainError("invalid_request", "sync.min_contributions cannot exceed "
-                                  "sync.contributions")
-            sync_spec = SyncSpec(sync["contributions"], least, sync["timeout_s"])
+            raise DomainError("invalid_request", "sync mode needs `sync.contributions` or "
+                              "`sync.target_weight`")
+        sync_spec = sync_settings(sync) if sync is not None else None
         fields = None
         if params is not None:
             check_param_body(None, params)
@@ -154,11 +183,13 @@ class Sessions:
             raise
 
     async def patch(self, meta: SessionMeta, *, optimizer: str | None,
-                    hyperparams: Mapping[str, Any] | None, changes: Mapping[str, Any]) -> View:
-        """New hyperparameters (merged), optimizer, name or max_staleness.
+                    hyperparams: Mapping[str, Any] | None, changes: Mapping[str, Any],
+                    sync: Mapping[str, Any] | None = None) -> View:
+        """New hyperparameters (merged), optimizer, name, max_staleness or sync settings.
 
         The optimizer and ``centered`` are fixed once a step was applied; momentum switched
         on later starts from a fresh buffer, not one left from an earlier stretch with it.
+        Sync settings apply from the next round: an open round keeps the ones it opened with.
         """
         sid = meta.id
         async with self.store.step_txn(sid) as txn:
@@ -177,6 +208,11 @@ class Sessions:
             if stepped and hp.get("centered", False) != old.hyperparams.get("centered", False):
                 raise DomainError("immutable_hyperparam", "`centered` cannot change once a "
                                   "step has been applied", field="centered")
+            if sync is not None:
+                if not old.is_sync or old.sync is None:
+                    raise DomainError("invalid_request", "`sync` settings are for sync-mode "
+                                      "sessions", field="sync")
+                changes = {**changes, "sync": sync_settings(sync, old.sync)}
             meta = old.replace(optimizer=optimizer, hyperparams=hp, **changes)
             cmds: list[Any] = [("SET", keys.meta(sid), meta.to_json())]
             if old.hyperparams.get("momentum", 0) == 0 and hp.get("momentum", 0) != 0:

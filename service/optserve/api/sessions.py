@@ -28,10 +28,15 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 
 class SyncConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    contributions: int = Field(..., ge=1, le=10_000)
+    """A round closes at ``contributions`` or at ``target_weight`` (whichever comes first);
+    at its deadline it steps with at least ``min_contributions`` or ``min_weight``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    contributions: int | None = Field(None, ge=1, le=10_000)
     min_contributions: int | None = Field(None, ge=1, le=10_000)
-    timeout_s: float = Field(60.0, gt=0, le=86_400)
+    timeout_s: float | None = Field(None, gt=0, le=86_400, description="default 60")
+    target_weight: float | None = Field(None, gt=0, le=1e15)
+    min_weight: float | None = Field(None, gt=0, le=1e15)
 
 
 class CreateSession(BaseModel):
@@ -54,6 +59,8 @@ class PatchSession(BaseModel):
     hyperparams: dict[str, Any] | None = None
     max_staleness: int | None = Field(None, ge=0)
     name: str | None = Field(None, max_length=256)
+    sync: SyncConfig | None = Field(None, description="merged over the session's; a null "
+                                    "field removes it; applies from the next round")
 
 
 class SessionDoc(BaseModel):
@@ -146,7 +153,8 @@ async def create_session(request: Request, response: Response, tenant: TenantDep
     view = await sessions.create(
         tenant, optimizer=body.optimizer, preset=body.preset, hyperparams=body.hyperparams,
         params=params, mode=body.mode, max_staleness=body.max_staleness,
-        sync=body.sync.model_dump() if body.sync is not None else None, name=body.name,
+        sync=body.sync.model_dump(exclude_unset=True) if body.sync is not None else None,
+        name=body.name,
         idempotency_key=request.headers.get("idempotency-key"))
     response.headers["Location"] = f"/v1/sessions/{view.meta.id}"
     if view.replayed:
@@ -173,8 +181,12 @@ async def patch_session(request: Request, response: Response, meta: SessionDep,
     body: PatchSession = _parse_json(raw, PatchSession)
     changes = {f: getattr(body, f) for f in ("max_staleness", "name")
                if f in body.model_fields_set}
+    if "sync" in body.model_fields_set and body.sync is None:
+        raise DomainError("invalid_request", "sync: a sync session keeps its settings; "
+                          "change them with a partial object", field="sync")
+    sync = body.sync.model_dump(exclude_unset=True) if body.sync is not None else None
     view = await sessions.patch(meta, optimizer=body.optimizer, hyperparams=body.hyperparams,
-                                changes=changes)
+                                changes=changes, sync=sync)
     return respond(response, view)
 
 

@@ -1,7 +1,9 @@
 """A sync round in Redis: the commands that open, join, close and fail it, and their reads.
 
 The open round is one hash (``keys.round_``): ``token``, ``v`` (the version it is for),
-``deadline``, ``n`` (contributions so far), and per contribution ``w.<cid>`` (its weight,
+``deadline``, ``n`` (contributions so far), ``wsum`` (their total weight), ``rule`` (the
+session's sync settings when the round opened: a PATCH applies from the next round), and per
+contribution ``w.<cid>`` (its weight,
 idempotency key and dtypes as JSON) and ``g.<cid>.<tensor>`` (its gradient's bytes). A
 closed or failed round leaves an outcome key and, when closed, the parameters it made.
 """
@@ -19,7 +21,7 @@ from redis.asyncio import Redis
 
 from optserve_client.wire import WireTensor
 
-from ..session import SessionMeta
+from ..session import SessionMeta, SyncSpec
 from . import keys
 from .redis_store import Buffer, StepTxn
 
@@ -34,13 +36,16 @@ class RoundHead:
     v: int
     deadline: float
     n: int
+    rule: SyncSpec
+    weight: float = 0.0
     mine: bool = False
     new: bool = False
     hp: dict[str, Any] | None = None  # the hyperparameters its contributions carry
 
     @classmethod
-    def open(cls, version: int, timeout_s: float) -> RoundHead:
-        return cls(secrets.token_hex(12), version, time.time() + timeout_s, 0, new=True)
+    def open(cls, version: int, rule: SyncSpec) -> RoundHead:
+        return cls(secrets.token_hex(12), version, time.time() + rule.timeout_s, 0, rule,
+                   new=True)
 
 
 @dataclass
@@ -50,18 +55,25 @@ class Contribution:
     grads: dict[str, WireTensor] = field(default_factory=dict)
 
 
-def ttl(meta: SessionMeta) -> int:
-    """How long a round and its outcome are kept: well past any waiter's deadline."""
+def ttl(meta: SessionMeta, head: RoundHead | None = None) -> int:
+    """How long a round and its outcome are kept: well past any waiter's deadline (also
+    the open round's, whose timeout a PATCH may since have shortened)."""
     assert meta.sync is not None
-    return int(max(300, 2 * meta.sync.timeout_s + 60))
+    timeout = max(meta.sync.timeout_s, head.rule.timeout_s if head is not None else 0.0)
+    return int(max(300, 2 * timeout + 60))
 
 
 async def read_head(txn: StepTxn, cid: str) -> RoundHead | None:
-    token, v, deadline, n, mine, hp = await txn.call(
-        "HMGET", keys.round_(txn.sid), "token", "v", "deadline", "n", f"w.{cid}", "hp")
-    if token is None:
+    token, v, deadline, n, wsum, rule, mine, hp = await txn.call(
+        "HMGET", keys.round_(txn.sid), "token", "v", "deadline", "n", "wsum", "rule",
+        f"w.{cid}", "hp")
+    # A round opened by an older server has no rule or weight: the session's settings hold.
+    spec = (SyncSpec.from_json(json.loads(rule)) if rule is not None
+            else txn.meta.sync if txn.meta is not None else None)
+    if token is None or spec is None:  # none, or nothing left to settle it by
         return None
-    return RoundHead(token.decode(), int(v), float(deadline), int(n or 0), mine is not None,
+    return RoundHead(token.decode(), int(v), float(deadline), int(n or 0), spec,
+                     float(wsum or 0.0), mine is not None,
                      hp=json.loads(hp) if hp is not None else None)
 
 
@@ -76,10 +88,14 @@ def add_cmds(meta: SessionMeta, head: RoundHead, cid: str, c: Contribution,
     for name, g in c.grads.items():
         fields += [f"g.{cid}.{name}", g.data]
     if head.new:
-        fields += ["token", head.token, "v", str(head.v), "deadline", repr(head.deadline)]
+        fields += ["token", head.token, "v", str(head.v), "deadline", repr(head.deadline),
+                   "rule", json.dumps(head.rule.to_json())]
     if hp is not None:
         fields += ["hp", json.dumps(dict(hp))]
-    return [("HSET", rkey, *fields), ("HINCRBY", rkey, "n", 1), ("EXPIRE", rkey, ttl(meta))]
+    # The session lock is held: the total is read and written here, not summed by Redis.
+    fields += ["wsum", repr(head.weight + c.weight)]
+    return [("HSET", rkey, *fields), ("HINCRBY", rkey, "n", 1),
+            ("EXPIRE", rkey, ttl(meta, head))]
 
 
 async def read_contributions(txn: StepTxn, meta: SessionMeta) -> dict[str, Contribution]:
@@ -126,11 +142,14 @@ def close_cmds(meta: SessionMeta, token: str, version: int,
 
 
 def fail_cmds(meta: SessionMeta, token: str, version: int, received: int,
-              reason: str) -> list[Command]:
+              reason: str, head: RoundHead | None = None) -> list[Command]:
     """End a round without a step: its waiters read this outcome and are refused."""
     sid = meta.id
-    outcome = json.dumps({"status": "failed", "version": version, "received": received,
-                          "reason": reason})
+    info: dict[str, Any] = {"status": "failed", "version": version, "received": received,
+                            "reason": reason}
+    if head is not None:  # what the round had and what it needed, for the refusal's detail
+        info |= {"weight": head.weight, "needs": head.rule.needs()}
+    outcome = json.dumps(info)
     return [
         ("DEL", keys.round_(sid)),
         ("SET", keys.round_outcome(sid, token), outcome, "EX", ttl(meta)),
@@ -146,7 +165,7 @@ async def abandon_cmds(txn: StepTxn, meta: SessionMeta) -> list[Command]:
     head = await read_head(txn, "-")
     if head is None:
         return []
-    return fail_cmds(meta, head.token, head.v, head.n, "superseded")
+    return fail_cmds(meta, head.token, head.v, head.n, "superseded", head)
 
 
 async def read_outcome(redis: Redis, sid: str, token: str) -> dict[str, Any] | None:
