@@ -15,7 +15,7 @@ from optserve.settings import Settings
 
 @pytest.fixture(scope="module")
 def api_schema(redis_url: str) -> Any:
-    app = create_app(Settings(redis_url=redis_url, fused="off"))
+    app = create_app(Settings(redis_url=redis_url, kernel="exact"))
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
