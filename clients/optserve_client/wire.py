@@ -52,12 +52,61 @@ _NUMPY_DTYPES = {
     "uint32": np.uint32, "uint16": np.uint16, "uint8": np.uint8, "bool": np.bool_,
     "complex64": np.complex64,
 }
+_JSON_CARRIES = frozenset(_NUMPY_DTYPES) - {"complex64"} | {"bfloat16"}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _COALESCE = 64 * 1024
+MAX_RANK = 32
+"""Most dimensions a tensor may have (torch's kernels cap theirs too; 100 is not a tensor)."""
+MAX_NAME_CHARS = 1024
+"""Longest tensor name the service takes (longer: 422 ``invalid_name``)."""
+ECHO_CHARS = 200
+"""How much of any client-sent string an error message repeats."""
+_MAX_EXTENT = 2**63  # the product of a shape's non-zero dims: torch's strides are int64
 
 
 class WireError(ValueError):
     """The body is not a well-formed tensor body (the API's 400)."""
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` as an error message may repeat it: at most `limit` characters (then an
+    ellipsis), and encodable (a lone surrogate becomes its escape)."""
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _q(name: str) -> str:
+    """A tensor name quoted for a message, clipped."""
+    return repr(clip(name))
+
+
+def load_json(raw: bytes | str, what: str) -> Any:
+    """json.loads that refuses duplicate keys, and turns every parse failure (nesting past
+    the parser's depth, a 5,000-digit integer, bytes that are not UTF-8) into a WireError."""
+    try:
+        return json.loads(raw, object_pairs_hook=_unique)
+    except _Duplicate as exc:
+        raise WireError(f"{what} has a {exc}") from None
+    except RecursionError:
+        raise WireError(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise WireError(f"{what} is not valid JSON: {clip(str(exc))}") from None
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(f"duplicate key {_q(key)}")
+            seen.add(key)
+    return out
 
 
 @dataclass(frozen=True)
@@ -102,9 +151,10 @@ def decode_safetensors(body: bytes | bytearray | memoryview
     if n > _MAX_HEADER or 8 + n > len(view):
         raise WireError(f"safetensors header length {n} exceeds the body ({len(view)} bytes)")
     try:
-        header = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"safetensors header is not valid JSON: {exc}") from None
+        text = bytes(view[8 : 8 + n]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireError(f"safetensors header is not UTF-8: {exc}") from None
+    header = load_json(text, "safetensors header")
     if not isinstance(header, dict):
         raise WireError("safetensors header must be a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -118,10 +168,11 @@ def decode_safetensors(body: bytes | bytearray | memoryview
     tensors: dict[str, WireTensor] = {}
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise WireError(f"tensor {name!r}: entry needs exactly dtype, shape, data_offsets")
+            raise WireError(f"tensor {_q(name)}: entry needs exactly dtype, shape, data_offsets")
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if code not in _CODE_TO_NAME:
-            raise WireError(f"tensor {name!r}: unknown safetensors dtype {code!r}")
+            raise WireError(f"tensor {_q(name)}: unknown safetensors dtype "
+                            f"{clip(str(code))!r}")
         shape_t = _check_shape(name, shape)
         if (
             not isinstance(offsets, list)
@@ -129,12 +180,13 @@ def decode_safetensors(body: bytes | bytearray | memoryview
             or not all(_is_int(o) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise WireError(f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
+            raise WireError(f"tensor {_q(name)}: data_offsets must be [begin, end] with "
+                            "begin <= end")
         dtype = _CODE_TO_NAME[code]
         begin, end = offsets
         if end - begin != math.prod(shape_t) * ITEMSIZE[dtype]:
             raise WireError(
-                f"tensor {name!r}: {end - begin} bytes do not hold shape {list(shape_t)} "
+                f"tensor {_q(name)}: {end - begin} bytes do not hold shape {list(shape_t)} "
                 f"of {dtype}"
             )
         spans.append((begin, end, name))
@@ -143,7 +195,7 @@ def decode_safetensors(body: bytes | bytearray | memoryview
     pos = 0
     for begin, end, name in spans:
         if begin != pos:
-            raise WireError(f"tensor {name!r}: data_offsets overlap or leave a gap")
+            raise WireError(f"tensor {_q(name)}: data_offsets overlap or leave a gap")
         pos = end
     if pos != len(data):
         raise WireError(f"safetensors data is {len(data)} bytes but the header covers {pos}")
@@ -152,32 +204,34 @@ def decode_safetensors(body: bytes | bytearray | memoryview
 
 def decode_json(body: bytes | bytearray | memoryview | str) -> dict[str, WireTensor]:
     """Parse `{"tensors": {name: {dtype, shape, data}}}`."""
-    try:
-        doc = json.loads(body if isinstance(body, str) else bytes(body))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"body is not valid JSON: {exc}") from None
+    doc = load_json(body if isinstance(body, str) else bytes(body), "body")
     if not isinstance(doc, dict) or set(doc) != {"tensors"} or not isinstance(doc["tensors"], dict):
         raise WireError('JSON tensor body must be {"tensors": {name: {dtype, shape, data}}}')
     out: dict[str, WireTensor] = {}
     for name, info in doc["tensors"].items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data"}:
-            raise WireError(f"tensor {name!r}: needs exactly dtype, shape and data")
+            raise WireError(f"tensor {_q(name)}: needs exactly dtype, shape and data")
         dtype, data = info["dtype"], info["data"]
-        if dtype not in ITEMSIZE or dtype == "complex64":
-            raise WireError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if dtype not in ITEMSIZE:
+            raise WireError(f"tensor {_q(name)}: unknown dtype {clip(str(dtype))!r}")
         shape = _check_shape(name, info["shape"])
         if not isinstance(data, list) or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in data
         ):
-            raise WireError(f"tensor {name!r}: data must be a flat list of numbers")
+            raise WireError(f"tensor {_q(name)}: data must be a flat list of numbers")
         if len(data) != math.prod(shape):
             raise WireError(
-                f"tensor {name!r}: {len(data)} values do not fill shape {list(shape)}"
+                f"tensor {_q(name)}: {len(data)} values do not fill shape {list(shape)}"
             )
+        if dtype not in _JSON_CARRIES:
+            # A dtype JSON cannot carry (float8, complex): well-formed, so its refusal is
+            # the receiver's 422, not a 400; it arrives without data (never stepped).
+            out[name] = WireTensor(dtype, shape, memoryview(b""))
+            continue
         try:
             raw = _from_float64(np.asarray(data, dtype=np.float64), dtype)
         except (OverflowError, ValueError) as exc:
-            raise WireError(f"tensor {name!r}: {exc}") from None
+            raise WireError(f"tensor {_q(name)}: {clip(str(exc))}") from None
         out[name] = WireTensor(dtype, shape, memoryview(raw.reshape(-1)).cast("B"))
     return out
 
@@ -187,8 +241,16 @@ def _is_int(x: Any) -> bool:
 
 
 def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
+    """Non-negative integers, at most MAX_RANK of them, whose non-zero product (the extent
+    torch's int64 strides must span) is below 2**63: `[0, 10**30]` holds no data but
+    cannot be allocated."""
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise WireError(f"tensor {name!r}: shape must be a list of non-negative integers")
+        raise WireError(f"tensor {_q(name)}: shape must be a list of non-negative integers")
+    if len(shape) > MAX_RANK:
+        raise WireError(f"tensor {_q(name)}: {len(shape)} dimensions; at most {MAX_RANK}")
+    if math.prod(max(d, 1) for d in shape) >= _MAX_EXTENT:
+        raise WireError(f"tensor {_q(name)}: shape {clip(str(shape))} is too large "
+                        "(its dimensions multiply past 2**63)")
     return tuple(shape)
 
 
