@@ -108,6 +108,14 @@ def check_finite_as_params(given: Mapping[str, WireTensor],
                               f"values (as {declared[name].dtype})", tensor=name)
 
 
+def check_same_request(remembered: str | None, digest: str | None) -> None:
+    """An Idempotency-Key replays only the request it was first sent with (IETF
+    idempotency-key draft; Stripe): another body or headers under it is refused."""
+    if remembered is not None and digest is not None and remembered != digest:
+        raise DomainError("idempotency_key_mismatch", "this Idempotency-Key was first used "
+                          "with a different request; use a new key for a new request")
+
+
 def locked_session(txn: StepTxn) -> tuple[SessionMeta, int | None]:
     """The session document and version as read under the lock (deleted since: not found)."""
     if txn.meta is None:

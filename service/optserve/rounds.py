@@ -25,7 +25,13 @@ from redis.asyncio import Redis
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
 from .cache import Loaded
-from .checks import check_finite_as_params, check_tensors, check_version, locked_session
+from .checks import (
+    check_finite_as_params,
+    check_same_request,
+    check_tensors,
+    check_version,
+    locked_session,
+)
 from .engine import Encoder, Engine, StepOutcome
 from .errors import Busy, DomainError
 from .session import SessionMeta
@@ -96,12 +102,12 @@ class SyncRounds:
     async def contribute(self, meta: SessionMeta, grads: dict[str, WireTensor], *,
                          idempotency_key: str | None, base_version: int | None,
                          if_match: int | None, weight: float,
-                         encode: Encoder | None, bad_header: DomainError | None = None
-                         ) -> StepOutcome:
+                         encode: Encoder | None, bad_header: DomainError | None = None,
+                         request_digest: str | None = None) -> StepOutcome:
         """Add one contribution to the round for its version; the last one closes it."""
         sid = meta.id
         if idempotency_key is not None:
-            replay = await self.engine.replay(meta, idempotency_key, encode)
+            replay = await self.engine.replay(meta, idempotency_key, encode, request_digest)
             if replay is not None:
                 return replay
         # Field names must not depend on what clients put in keys (tensor names hold dots).
@@ -116,7 +122,8 @@ class SyncRounds:
                 if idempotency_key is not None and await txn.call(
                         "EXISTS", keys.idempotency(sid, idempotency_key)):
                     await txn.finish()  # the round closed while we waited for the lock
-                    replay = await self.engine.replay(meta, idempotency_key, encode)
+                    replay = await self.engine.replay(meta, idempotency_key, encode,
+                                                      request_digest)
                     if replay is not None:
                         return replay
                     continue
@@ -140,11 +147,12 @@ class SyncRounds:
                 if head is None:
                     head = RoundHead.open(version, meta.sync.timeout_s)
                 token = head.token
-                mine = Contribution(weight, idempotency_key, grads)
+                mine = Contribution(weight, idempotency_key, grads, request_digest)
                 fut = self.notifier.future(token)
                 try:
                     if head.mine:  # a retry of a contribution already in this round
                         await txn.finish()
+                        check_same_request(head.mine_digest, request_digest)
                     elif head.n + 1 >= meta.sync.contributions:
                         self.notifier.forget(token, fut)  # the closer waits for nobody
                         return await self._close(txn, meta, version, token, encode,
@@ -198,7 +206,7 @@ class SyncRounds:
         if pending is not None:
             contributions[pending[0]] = pending[1]
         grads = self._mean(meta, contributions)
-        idem_keys = [c.idem for c in contributions.values() if c.idem]
+        idem_keys = [(c.idem, c.digest) for c in contributions.values() if c.idem]
 
         def extra(loaded: Loaded) -> list[Any]:
             params = {n: to_bytes(t) for n, t in loaded.params.items()}

@@ -19,6 +19,7 @@ from .checks import (
     IfMatch,
     check_finite,
     check_param_body,
+    check_same_request,
     locked_session,
     require_if_match,
     validate_hyperparams,
@@ -58,7 +59,8 @@ class Sessions:
     async def create(self, tenant: str, *, optimizer: str | None, preset: str | None,
                      hyperparams: Mapping[str, Any], params: dict[str, wire.WireTensor] | None,
                      mode: str, max_staleness: int | None, sync: Mapping[str, Any] | None,
-                     name: str | None, idempotency_key: str | None) -> View:
+                     name: str | None, idempotency_key: str | None,
+                     request_digest: str | None = None) -> View:
         """A new session; a retried create (same key) gets the session the first try made."""
         hyper = dict(hyperparams)
         if preset is not None:
@@ -94,10 +96,12 @@ class Sessions:
             tensors=describe(params) if params is not None else {}, created_at=now())
         await self.store.create(meta, fields)
         if idempotency_key is not None:
-            first = await self.store.claim_create(tenant, idempotency_key, meta.id,
-                                                  self.settings.idempotency_ttl_s)
+            first, first_digest = await self.store.claim_create(
+                tenant, idempotency_key, meta.id, self.settings.idempotency_ttl_s,
+                request_digest)
             if first != meta.id:  # a retry: drop this one, answer with the first
                 await self.store.delete(meta.id, tenant)
+                check_same_request(first_digest, request_digest)
                 existing = await self.store.get_meta(first)
                 if existing is not None and existing.tenant == tenant:
                     return View(existing, await self.store.head(first), replayed=True)

@@ -21,6 +21,7 @@ from .deps import (
     TenantDep,
     content_type,
     read_body,
+    request_digest,
     version_headers,
 )
 
@@ -151,7 +152,8 @@ async def create_session(request: Request, response: Response, tenant: TenantDep
         tenant, optimizer=body.optimizer, preset=body.preset, hyperparams=body.hyperparams,
         params=params, mode=body.mode, max_staleness=body.max_staleness,
         sync=body.sync.model_dump() if body.sync is not None else None, name=body.name,
-        idempotency_key=request.headers.get("idempotency-key"))
+        idempotency_key=request.headers.get("idempotency-key"),
+        request_digest=await request_digest(request, raw))
     response.headers["Location"] = f"/v1/sessions/{view.meta.id}"
     if view.replayed:
         response.headers["Idempotent-Replayed"] = "true"

@@ -25,6 +25,7 @@ from .deps import (
     parse_if_match,
     parse_version_header,
     read_body,
+    request_digest,
     version_headers,
 )
 from .sessions import document
@@ -128,6 +129,7 @@ async def step(
     out_kind = accept(request, kind)
     body = await read_body(request, settings.max_body_bytes)
     grads, _ = decode_tensors(body, kind)
+    digest = await request_digest(request, body)
     h = request.headers
     if_match = parse_if_match(h.get("if-match")) if h.get(
         "if-match", "").strip() != "*" else None
@@ -151,10 +153,11 @@ async def step(
     if meta.is_sync:
         outcome = await rounds.contribute(meta, grads, idempotency_key=idem, base_version=base,
                                           if_match=if_match, weight=weight, encode=encode,
-                                          bad_header=bad_header)
+                                          bad_header=bad_header, request_digest=digest)
     else:
         outcome = await engine.step(meta, grads, idempotency_key=idem, base_version=base,
-                                    if_match=if_match, encode=encode, bad_header=bad_header)
+                                    if_match=if_match, encode=encode, bad_header=bad_header,
+                                    request_digest=digest)
     if not outcome.replayed:
         STEPS.labels(meta.optimizer).inc()
     headers = version_headers(outcome.version)

@@ -36,6 +36,7 @@ class RoundHead:
     n: int
     mine: bool = False
     new: bool = False
+    mine_digest: str | None = None  # the request digest of contribution ``cid``, if in
 
     @classmethod
     def open(cls, version: int, timeout_s: float) -> RoundHead:
@@ -47,6 +48,7 @@ class Contribution:
     weight: float
     idem: str | None
     grads: dict[str, WireTensor] = field(default_factory=dict)
+    digest: str | None = None  # of the request, remembered with the idempotency key
 
 
 def ttl(meta: SessionMeta) -> int:
@@ -60,13 +62,14 @@ async def read_head(txn: StepTxn, cid: str) -> RoundHead | None:
         "HMGET", keys.round_(txn.sid), "token", "v", "deadline", "n", f"w.{cid}")
     if token is None:
         return None
-    return RoundHead(token.decode(), int(v), float(deadline), int(n or 0), mine is not None)
+    return RoundHead(token.decode(), int(v), float(deadline), int(n or 0), mine is not None,
+                     mine_digest=json.loads(mine).get("digest") if mine is not None else None)
 
 
 def add_cmds(meta: SessionMeta, head: RoundHead, cid: str, c: Contribution) -> list[Command]:
     """Add one contribution to the round (opening it first if `head` is new)."""
     rkey = keys.round_(meta.id)
-    info = {"weight": c.weight, "idem": c.idem,
+    info = {"weight": c.weight, "idem": c.idem, "digest": c.digest,
             "dtypes": {n: g.dtype for n, g in c.grads.items()}}
     fields: list[Any] = [f"w.{cid}", json.dumps(info)]
     for name, g in c.grads.items():
@@ -84,7 +87,8 @@ async def read_contributions(txn: StepTxn, meta: SessionMeta) -> dict[str, Contr
         name = f.decode()
         if name.startswith("w."):
             info = json.loads(v)
-            out[name[2:]] = Contribution(info["weight"], info["idem"])
+            out[name[2:]] = Contribution(info["weight"], info["idem"],
+                                         digest=info.get("digest"))
             dtypes[name[2:]] = info["dtypes"]
     for f, v in raw.items():
         name = f.decode()
