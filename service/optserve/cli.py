@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from .settings import Settings
+from .startup import ConfigError, check, load_settings
 
 log = logging.getLogger("optserve")
 
@@ -17,7 +17,12 @@ def serve(args: argparse.Namespace) -> int:
 
     from .store.embedded import EmbeddedRedis, RedisServerNotFound
 
-    settings = Settings()
+    try:
+        settings = load_settings()
+        check(settings)
+    except ConfigError as exc:
+        print(f"optserve: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     embedded: EmbeddedRedis | None = None
