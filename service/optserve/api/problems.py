@@ -111,14 +111,15 @@ def _tame(value: Any) -> Any:
     return value
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def allowed_methods(request: Request) -> str:
-    """Every method of every route whose path matches (Starlette names only the first's)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": ""})
-        if match != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
-    return ", ".join(sorted(methods))
+    """Every method some route takes on this path (Starlette names only the first route's
+    methods); asked of the routers, so included routers' routes count too."""
+    routes = request.app.router.routes
+    return ", ".join(m for m in _METHODS if any(
+        r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes))
 
 
 class ErrorBoundary:
