@@ -15,6 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from .limits import ECHO_CHARS as ECHO_CHARS
+from .limits import MAX_NAME_CHARS as MAX_NAME_CHARS
+from .limits import MAX_RANK as MAX_RANK
+from .limits import WireError as WireError
+from .limits import check_shape, is_int, load_json
+from .limits import clip as clip
+from .limits import quote as _q
+
 SAFETENSORS_TYPE = "application/octet-stream"
 JSON_TYPE = "application/json"
 TENSOR_TYPES = (SAFETENSORS_TYPE, JSON_TYPE)
@@ -55,58 +63,6 @@ _NUMPY_DTYPES = {
 _JSON_CARRIES = frozenset(_NUMPY_DTYPES) - {"complex64"} | {"bfloat16"}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _COALESCE = 64 * 1024
-MAX_RANK = 32
-"""Most dimensions a tensor may have (torch's kernels cap theirs too; 100 is not a tensor)."""
-MAX_NAME_CHARS = 1024
-"""Longest tensor name the service takes (longer: 422 ``invalid_name``)."""
-ECHO_CHARS = 200
-"""How much of any client-sent string an error message repeats."""
-_MAX_EXTENT = 2**63  # the product of a shape's non-zero dims: torch's strides are int64
-
-
-class WireError(ValueError):
-    """The body is not a well-formed tensor body (the API's 400)."""
-
-
-def clip(text: str, limit: int = ECHO_CHARS) -> str:
-    """`text` as an error message may repeat it: at most `limit` characters (then an
-    ellipsis), and encodable (a lone surrogate becomes its escape)."""
-    if len(text) > limit:
-        text = text[:limit] + "…"
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _q(name: str) -> str:
-    """A tensor name quoted for a message, clipped."""
-    return repr(clip(name))
-
-
-def load_json(raw: bytes | str, what: str) -> Any:
-    """json.loads that refuses duplicate keys, and turns every parse failure (nesting past
-    the parser's depth, a 5,000-digit integer, bytes that are not UTF-8) into a WireError."""
-    try:
-        return json.loads(raw, object_pairs_hook=_unique)
-    except _Duplicate as exc:
-        raise WireError(f"{what} has a {exc}") from None
-    except RecursionError:
-        raise WireError(f"{what} is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
-        raise WireError(f"{what} is not valid JSON: {clip(str(exc))}") from None
-
-
-class _Duplicate(ValueError):
-    pass
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _Duplicate(f"duplicate key {_q(key)}")
-            seen.add(key)
-    return out
 
 
 @dataclass(frozen=True)
@@ -173,11 +129,11 @@ def decode_safetensors(body: bytes | bytearray | memoryview
         if code not in _CODE_TO_NAME:
             raise WireError(f"tensor {_q(name)}: unknown safetensors dtype "
                             f"{clip(str(code))!r}")
-        shape_t = _check_shape(name, shape)
+        shape_t = check_shape(name, shape)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)
+            or not all(is_int(o) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
             raise WireError(f"tensor {_q(name)}: data_offsets must be [begin, end] with "
@@ -214,7 +170,7 @@ def decode_json(body: bytes | bytearray | memoryview | str) -> dict[str, WireTen
         dtype, data = info["dtype"], info["data"]
         if dtype not in ITEMSIZE:
             raise WireError(f"tensor {_q(name)}: unknown dtype {clip(str(dtype))!r}")
-        shape = _check_shape(name, info["shape"])
+        shape = check_shape(name, info["shape"])
         if not isinstance(data, list) or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in data
         ):
@@ -234,24 +190,6 @@ def decode_json(body: bytes | bytearray | memoryview | str) -> dict[str, WireTen
             raise WireError(f"tensor {_q(name)}: {clip(str(exc))}") from None
         out[name] = WireTensor(dtype, shape, memoryview(raw.reshape(-1)).cast("B"))
     return out
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
-    """Non-negative integers, at most MAX_RANK of them, whose non-zero product (the extent
-    torch's int64 strides must span) is below 2**63: `[0, 10**30]` holds no data but
-    cannot be allocated."""
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise WireError(f"tensor {_q(name)}: shape must be a list of non-negative integers")
-    if len(shape) > MAX_RANK:
-        raise WireError(f"tensor {_q(name)}: {len(shape)} dimensions; at most {MAX_RANK}")
-    if math.prod(max(d, 1) for d in shape) >= _MAX_EXTENT:
-        raise WireError(f"tensor {_q(name)}: shape {clip(str(shape))} is too large "
-                        "(its dimensions multiply past 2**63)")
-    return tuple(shape)
 
 
 def _from_float64(values: np.ndarray, dtype: str) -> np.ndarray:
