@@ -791,8 +791,10 @@ def test_compose_api_command_serves_a_step(
         pytest.skip(str(exc))
 
     # The api service as Compose would start it, with .env.example standing in for the
-    # uncommitted .env (so the API keys path is exercised too).
+    # uncommitted .env (so the API keys path is exercised too), its placeholder keys made
+    # real as a deployer must (the server refuses to start with the placeholders).
     dotenv = read_dotenv(ENV_EXAMPLE)
+    dotenv["OPTSERVE_API_KEYS"] = dotenv["OPTSERVE_API_KEYS"].replace("change-me", "k7Qx2m")
     api = interpolate(compose["services"]["api"], dotenv)
     container_env = api_environment(compose, dotenv, df)
     entrypoint, cmd = image_command(df)

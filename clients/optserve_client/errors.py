@@ -276,6 +276,10 @@ class InvalidNameError(UnprocessableEntityError):
     codes = ("invalid_name",)
 
 
+class IdempotencyKeyMismatchError(UnprocessableEntityError):
+    codes = ("idempotency_key_mismatch",)
+
+
 class InvalidStateError(UnprocessableEntityError):
     codes = ("invalid_state",)
 

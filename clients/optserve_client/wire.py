@@ -15,6 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from .limits import ECHO_CHARS as ECHO_CHARS
+from .limits import MAX_NAME_CHARS as MAX_NAME_CHARS
+from .limits import MAX_RANK as MAX_RANK
+from .limits import WireError as WireError
+from .limits import check_shape, is_int, load_json
+from .limits import clip as clip
+from .limits import quote as _q
+
 SAFETENSORS_TYPE = "application/octet-stream"
 JSON_TYPE = "application/json"
 TENSOR_TYPES = (SAFETENSORS_TYPE, JSON_TYPE)
@@ -52,12 +60,9 @@ _NUMPY_DTYPES = {
     "uint32": np.uint32, "uint16": np.uint16, "uint8": np.uint8, "bool": np.bool_,
     "complex64": np.complex64,
 }
+_JSON_CARRIES = frozenset(_NUMPY_DTYPES) - {"complex64"} | {"bfloat16"}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _COALESCE = 64 * 1024
-
-
-class WireError(ValueError):
-    """The body is not a well-formed tensor body (the API's 400)."""
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,10 @@ def decode_safetensors(body: bytes | bytearray | memoryview
     if n > _MAX_HEADER or 8 + n > len(view):
         raise WireError(f"safetensors header length {n} exceeds the body ({len(view)} bytes)")
     try:
-        header = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"safetensors header is not valid JSON: {exc}") from None
+        text = bytes(view[8 : 8 + n]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireError(f"safetensors header is not UTF-8: {exc}") from None
+    header = load_json(text, "safetensors header")
     if not isinstance(header, dict):
         raise WireError("safetensors header must be a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -119,23 +125,25 @@ def decode_safetensors(body: bytes | bytearray | memoryview
     tensors: dict[str, WireTensor] = {}
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise WireError(f"tensor {name!r}: entry needs exactly dtype, shape, data_offsets")
+            raise WireError(f"tensor {_q(name)}: entry needs exactly dtype, shape, data_offsets")
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if code not in _CODE_TO_NAME:
-            raise WireError(f"tensor {name!r}: unknown safetensors dtype {code!r}")
-        shape_t = _check_shape(name, shape)
+            raise WireError(f"tensor {_q(name)}: unknown safetensors dtype "
+                            f"{clip(str(code))!r}")
+        shape_t = check_shape(name, shape)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)
+            or not all(is_int(o) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise WireError(f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
+            raise WireError(f"tensor {_q(name)}: data_offsets must be [begin, end] with "
+                            "begin <= end")
         dtype = _CODE_TO_NAME[code]
         begin, end = offsets
         if end - begin != math.prod(shape_t) * ITEMSIZE[dtype]:
             raise WireError(
-                f"tensor {name!r}: {end - begin} bytes do not hold shape {list(shape_t)} "
+                f"tensor {_q(name)}: {end - begin} bytes do not hold shape {list(shape_t)} "
                 f"of {dtype}"
             )
         spans.append((begin, end, name))
@@ -144,7 +152,7 @@ def decode_safetensors(body: bytes | bytearray | memoryview
     pos = 0
     for begin, end, name in spans:
         if begin != pos:
-            raise WireError(f"tensor {name!r}: data_offsets overlap or leave a gap")
+            raise WireError(f"tensor {_q(name)}: data_offsets overlap or leave a gap")
         pos = end
     if pos != len(data):
         raise WireError(f"safetensors data is {len(data)} bytes but the header covers {pos}")
@@ -160,10 +168,7 @@ def _decode_json(body: bytes | bytearray | memoryview | str
                  ) -> tuple[dict[str, WireTensor], dict[str, str] | None]:
     """The tensors, and a step's `"hyperparams": {...}` in the safetensors metadata form
     (``{"optserve": '{"hyperparams": {...}}'}``), so both formats carry them alike."""
-    try:
-        doc = json.loads(body if isinstance(body, str) else bytes(body))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"body is not valid JSON: {exc}") from None
+    doc = load_json(body if isinstance(body, str) else bytes(body), "body")
     if not isinstance(doc, dict) or not {"tensors"} <= set(doc) <= {"tensors", "hyperparams"} \
             or not isinstance(doc["tensors"], dict):
         raise WireError('JSON tensor body must be {"tensors": {name: {dtype, shape, data}}} '
@@ -176,35 +181,30 @@ def _decode_json(body: bytes | bytearray | memoryview | str
     out: dict[str, WireTensor] = {}
     for name, info in doc["tensors"].items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data"}:
-            raise WireError(f"tensor {name!r}: needs exactly dtype, shape and data")
+            raise WireError(f"tensor {_q(name)}: needs exactly dtype, shape and data")
         dtype, data = info["dtype"], info["data"]
-        if dtype not in ITEMSIZE or dtype == "complex64":
-            raise WireError(f"tensor {name!r}: unknown dtype {dtype!r}")
-        shape = _check_shape(name, info["shape"])
+        if dtype not in ITEMSIZE:
+            raise WireError(f"tensor {_q(name)}: unknown dtype {clip(str(dtype))!r}")
+        shape = check_shape(name, info["shape"])
         if not isinstance(data, list) or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in data
         ):
-            raise WireError(f"tensor {name!r}: data must be a flat list of numbers")
+            raise WireError(f"tensor {_q(name)}: data must be a flat list of numbers")
         if len(data) != math.prod(shape):
             raise WireError(
-                f"tensor {name!r}: {len(data)} values do not fill shape {list(shape)}"
+                f"tensor {_q(name)}: {len(data)} values do not fill shape {list(shape)}"
             )
+        if dtype not in _JSON_CARRIES:
+            # A dtype JSON cannot carry (float8, complex): well-formed, so its refusal is
+            # the receiver's 422, not a 400; it arrives without data (never stepped).
+            out[name] = WireTensor(dtype, shape, memoryview(b""))
+            continue
         try:
             raw = _from_float64(np.asarray(data, dtype=np.float64), dtype)
         except (OverflowError, ValueError) as exc:
-            raise WireError(f"tensor {name!r}: {exc}") from None
+            raise WireError(f"tensor {_q(name)}: {clip(str(exc))}") from None
         out[name] = WireTensor(dtype, shape, memoryview(raw.reshape(-1)).cast("B"))
     return out, metadata
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise WireError(f"tensor {name!r}: shape must be a list of non-negative integers")
-    return tuple(shape)
 
 
 def _from_float64(values: np.ndarray, dtype: str) -> np.ndarray:

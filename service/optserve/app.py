@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__
+from . import __version__, startup
 from .api import ops, problems, sessions, tensors
 from .engine import Engine
 from .metrics import BYTES_IN, BYTES_OUT, LATENCY, REQUESTS
 from .rounds import SyncRounds
 from .sessions import Sessions
 from .settings import Settings
+from .startup import load_settings
 from .store.redis_store import Store, make_redis
 
 log = logging.getLogger("optserve")
@@ -63,10 +64,11 @@ class MetricsMiddleware:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or load_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        startup.check(settings)  # refuse to start (ConfigError) rather than answer 500s
         if not settings.redis_url:
             raise RuntimeError("OPTSERVE_REDIS_URL is not set; `optserve serve` starts a Redis "
                                "of its own when it is unset")
@@ -104,5 +106,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def app_factory() -> FastAPI:
-    """For `uvicorn optserve.app:app_factory --factory` (settings from the environment)."""
-    return create_app()
+    """For `uvicorn optserve.app:app_factory --factory` (settings from the environment; an
+    invalid one is a ConfigError naming its variable)."""
+    return create_app(load_settings())

@@ -19,7 +19,7 @@ from optserve_client.spec import (
     kernel_options_refusal,
 )
 from optserve_client.state import TORCH_CLASSES
-from optserve_client.wire import WireTensor
+from optserve_client.wire import MAX_NAME_CHARS, WireTensor, clip
 
 from . import optim
 from .errors import DomainError
@@ -32,9 +32,30 @@ IfMatch = int | Literal["*"] | None
 """A parsed If-Match: a version (-1 names none), ``*`` (any), or absent."""
 
 
+def check_names(given: Mapping[str, WireTensor], what: str) -> None:
+    """Names a session can hold and a response can repeat: not empty or padded, at most
+    MAX_NAME_CHARS characters, valid Unicode (no lone surrogates)."""
+    for name in given:
+        if len(name) > MAX_NAME_CHARS:
+            raise DomainError("invalid_name", f"{what} name {clip(name)!r} is {len(name)} "
+                              f"characters; at most {MAX_NAME_CHARS}")
+        if not name or name.strip() != name:
+            raise DomainError("invalid_name", f"{what} name {clip(name)!r} is empty or padded")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DomainError("invalid_name", f"{what} name {clip(name)!r} is not valid "
+                              "Unicode (a lone surrogate)") from None
+
+
 def check_tensors(declared: Mapping[str, TensorSpec], given: Mapping[str, WireTensor], *,
                   what: str, require_all: bool, dtypes: tuple[str, ...]) -> None:
-    """Names, shapes and dtypes that do not fit the session, naming the tensor."""
+    """Names, shapes and dtypes that do not fit the session, naming the tensor; a body
+    must carry at least one tensor (an empty step would bump the version for nothing)."""
+    check_names(given, what)
+    if not given:
+        raise DomainError("missing_tensor", f"the body carries no {what}; send at least one",
+                          tensors=[])
     unknown = sorted(set(given) - set(declared))
     if unknown:
         raise DomainError("unknown_tensor", f"unknown {what} name(s) {unknown}; the session "
@@ -57,12 +78,11 @@ def check_tensors(declared: Mapping[str, TensorSpec], given: Mapping[str, WireTe
 def check_param_body(declared: Mapping[str, TensorSpec] | None,
                      given: Mapping[str, WireTensor]) -> None:
     """Parameters: float32/float64, and once defined, the same names, shapes and dtypes."""
+    check_names(given, "parameter")
     for name, t in given.items():
         if t.dtype not in PARAM_DTYPES:
             raise DomainError("dtype_mismatch", f"parameter {name!r} is {t.dtype}; parameters "
                               f"are {list(PARAM_DTYPES)}", tensor=name, got=t.dtype)
-        if not name or name.strip() != name:
-            raise DomainError("invalid_name", f"parameter name {name!r} is empty or padded")
     if declared is None:
         if not given:
             raise DomainError("missing_tensor", "a session needs at least one parameter")
@@ -94,6 +114,14 @@ def check_finite_as_params(given: Mapping[str, WireTensor],
         if t.numel() and not bool(torch.isfinite(t).all()):
             raise DomainError("non_finite_gradient", f"gradient {name!r} has NaN or infinite "
                               f"values (as {declared[name].dtype})", tensor=name)
+
+
+def check_same_request(remembered: str | None, digest: str | None) -> None:
+    """An Idempotency-Key replays only the request it was first sent with (IETF
+    idempotency-key draft; Stripe): another body or headers under it is refused."""
+    if remembered is not None and digest is not None and remembered != digest:
+        raise DomainError("idempotency_key_mismatch", "this Idempotency-Key was first used "
+                          "with a different request; use a new key for a new request")
 
 
 def locked_session(txn: StepTxn) -> tuple[SessionMeta, int | None]:

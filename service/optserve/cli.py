@@ -9,9 +9,10 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
-from .settings import Settings
+from .startup import ConfigError, check, load_settings
 
 if TYPE_CHECKING:
+    from .settings import Settings
     from .store.embedded import EmbeddedRedis
 
 log = logging.getLogger("optserve")
@@ -70,7 +71,12 @@ def start_embedded_redis(settings: Settings) -> tuple[EmbeddedRedis | None, int]
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    settings = Settings()
+    try:
+        settings = load_settings()
+        check(settings)
+    except ConfigError as exc:
+        print(f"optserve: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     embedded: EmbeddedRedis | None = None

@@ -26,6 +26,7 @@ from optserve_client.wire import FLOAT_DTYPES, WireTensor
 from . import optim
 from .cache import Loaded, TensorCache, nbytes
 from .checks import (
+    check_same_request,
     check_staleness,
     check_tensors,
     check_version,
@@ -180,6 +181,7 @@ class Engine:
         encode: Encoder | None,
         bad_header: DomainError | None = None,
         hyperparams: Mapping[str, Any] | None = None,
+        request_digest: str | None = None,
     ) -> StepOutcome:
         """One async-mode step: replay, or the checks then the step, under the lock.
 
@@ -187,7 +189,7 @@ class Engine:
         with the step's tensors; a replay does not apply them again."""
         sid = meta.id
         if idempotency_key is not None:
-            replay = await self.replay(meta, idempotency_key, encode)
+            replay = await self.replay(meta, idempotency_key, encode, request_digest)
             if replay is not None:
                 return replay
         # SessionBusy / StoreConflict are refusals (session_busy) like any other.
@@ -199,6 +201,7 @@ class Engine:
                 record = json.loads(raw_record) if raw_record else None
                 if record is not None:
                     await txn.finish()
+                    check_same_request(record.get("digest"), request_digest)
                     return await self.replay(meta, idempotency_key, encode) or StepOutcome(
                         int(record["version"]), None, replayed=True)
             version = check_version(version, if_match)
@@ -210,17 +213,20 @@ class Engine:
             hp = await step_hyperparams(txn, meta, hyperparams) if hyperparams else None
             try:
                 return await self.step_locked(txn, meta, version, grads, idempotency_key,
-                                              encode, hyperparams=hp)
+                                              encode, hyperparams=hp,
+                                              idempotency_digest=request_digest)
             except BaseException:
                 self.cache.drop(sid)
                 raise
 
-    async def replay(self, meta: SessionMeta, key: str,
-                     encode: Encoder | None) -> StepOutcome | None:
-        """The step this idempotency key already made (with today's parameters), if any."""
+    async def replay(self, meta: SessionMeta, key: str, encode: Encoder | None,
+                     digest: str | None = None) -> StepOutcome | None:
+        """The step this idempotency key already made (with today's parameters), if any;
+        a key first sent with another request (`digest`) is refused."""
         record = await self.store.get_idempotency(meta.id, key)
         if record is None:
             return None
+        check_same_request(record.get("digest"), digest)
         body = None
         if encode is not None:
             _, body = await self.encode_params(meta, encode)
@@ -245,7 +251,8 @@ class Engine:
     async def step_locked(self, txn: StepTxn, meta: SessionMeta, version: int,
                           grads: Mapping[str, WireTensor | torch.Tensor],
                           idempotency_key: str | None, encode: Encoder | None,
-                          *, extra_idempotency_keys: Iterable[str] = (),
+                          *, idempotency_digest: str | None = None,
+                          extra_idempotency_keys: Iterable[tuple[str, str | None]] = (),
                           extra: Callable[[Loaded], list[Any]] | None = None,
                           hyperparams: Mapping[str, Any] | None = None) -> StepOutcome:
         """Apply one step to the locked session and commit it (with `extra` commands).
@@ -268,11 +275,12 @@ class Engine:
             for key, t in loaded.state.get(name, {}).items():
                 fields[keys.state_field(name, key)] = to_bytes(t)
         new_version = version + 1
-        more = [txn.remember(k, new_version) for k in extra_idempotency_keys]
+        more = [txn.remember(k, new_version, d) for k, d in extra_idempotency_keys]
         loaded.version = new_version
         loaded.count_bytes()
         await txn.commit(
             new_version, fields, stats=stats, idempotency_key=idempotency_key,
+            idempotency_digest=idempotency_digest,
             delete_fields=[f for f in stale if f not in fields], meta=new_meta,
             extra=more + (extra(loaded) if extra is not None else []),
         )

@@ -29,6 +29,7 @@ from optserve_client.wire import FLOAT_DTYPES, WireTensor
 from .cache import Loaded
 from .checks import (
     check_finite_as_params,
+    check_same_request,
     check_tensors,
     check_version,
     locked_session,
@@ -106,7 +107,8 @@ class SyncRounds:
                          idempotency_key: str | None, base_version: int | None,
                          if_match: int | None, weight: float,
                          encode: Encoder | None, bad_header: DomainError | None = None,
-                         hyperparams: Mapping[str, Any] | None = None) -> StepOutcome:
+                         hyperparams: Mapping[str, Any] | None = None,
+                         request_digest: str | None = None) -> StepOutcome:
         """Add one contribution to the round for its version; the one that fills it (by
         count or by accumulated weight) closes it.
 
@@ -114,7 +116,7 @@ class SyncRounds:
         ``hyperparams_conflict``); the round's step applies them."""
         sid = meta.id
         if idempotency_key is not None:
-            replay = await self.engine.replay(meta, idempotency_key, encode)
+            replay = await self.engine.replay(meta, idempotency_key, encode, request_digest)
             if replay is not None:
                 return replay
         # Field names must not depend on what clients put in keys (tensor names hold dots).
@@ -129,7 +131,8 @@ class SyncRounds:
                 if idempotency_key is not None and await txn.call(
                         "EXISTS", keys.idempotency(sid, idempotency_key)):
                     await txn.finish()  # the round closed while we waited for the lock
-                    replay = await self.engine.replay(meta, idempotency_key, encode)
+                    replay = await self.engine.replay(meta, idempotency_key, encode,
+                                                      request_digest)
                     if replay is not None:
                         return replay
                     continue
@@ -155,11 +158,12 @@ class SyncRounds:
                     head = RoundHead.open(version, meta.sync)
                 hp = await self._round_hyperparams(txn, meta, head, hyperparams)
                 token = head.token
-                mine = Contribution(weight, idempotency_key, grads)
+                mine = Contribution(weight, idempotency_key, grads, request_digest)
                 fut = self.notifier.future(token)
                 try:
                     if head.mine:  # a retry of a contribution already in this round
                         await txn.finish()
+                        check_same_request(head.mine_digest, request_digest)
                     elif head.rule.full(head.n + 1, head.weight + weight):
                         self.notifier.forget(token, fut)  # the closer waits for nobody
                         return await self._close(txn, meta, version, token, encode,
@@ -236,7 +240,7 @@ class SyncRounds:
         if pending is not None:
             contributions[pending[0]] = pending[1]
         grads = self._mean(meta, contributions)
-        idem_keys = [c.idem for c in contributions.values() if c.idem]
+        idem_keys = [(c.idem, c.digest) for c in contributions.values() if c.idem]
 
         def extra(loaded: Loaded) -> list[Any]:
             params = {n: to_bytes(t) for n, t in loaded.params.items()}

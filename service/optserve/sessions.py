@@ -20,6 +20,7 @@ from .checks import (
     IfMatch,
     check_finite,
     check_param_body,
+    check_same_request,
     locked_session,
     require_if_match,
     validate_hyperparams,
@@ -97,7 +98,8 @@ class Sessions:
     async def create(self, tenant: str, *, optimizer: str | None, preset: str | None,
                      hyperparams: Mapping[str, Any], params: dict[str, wire.WireTensor] | None,
                      mode: str, max_staleness: int | None, sync: Mapping[str, Any] | None,
-                     name: str | None, idempotency_key: str | None) -> View:
+                     name: str | None, idempotency_key: str | None,
+                     request_digest: str | None = None) -> View:
         """A new session; a retried create (same key) gets the session the first try made."""
         hyper = dict(hyperparams)
         if preset is not None:
@@ -125,7 +127,7 @@ class Sessions:
             hyperparams=hp, mode=mode, max_staleness=max_staleness, sync=sync_spec,
             tensors=describe(params) if params is not None else {}, created_at=now())
         if idempotency_key is not None and (replay := await self._replay(
-                tenant, idempotency_key, None)) is not None:
+                tenant, idempotency_key, request_digest)) is not None:
             return replay
         run = self.store.redis.execute_command
         try:
@@ -133,7 +135,7 @@ class Sessions:
                                 self.limits, new=True)
         except QuotaExceeded:  # a retry of a create that took the last slot: its session
             if idempotency_key is not None and (replay := await self._replay(
-                    tenant, idempotency_key, None)) is not None:
+                    tenant, idempotency_key, request_digest)) is not None:
                 return replay
             raise
         try:
@@ -142,11 +144,13 @@ class Sessions:
             await quotas.release(run, tenant, meta.id)
             raise
         if idempotency_key is not None:
-            first = await self.store.claim_create(tenant, idempotency_key, meta.id,
-                                                  self.settings.idempotency_ttl_s)
+            first, first_digest = await self.store.claim_create(
+                tenant, idempotency_key, meta.id, self.settings.idempotency_ttl_s,
+                request_digest)
             if first != meta.id:  # a retry: drop this one, answer with the first
                 await self.store.delete(meta.id, tenant)
-                replay = await self._replay(tenant, idempotency_key, first)
+                replay = await self._replay(tenant, idempotency_key, request_digest,
+                                            (first, first_digest))
                 if replay is not None:
                     return replay
                 raise DomainError("idempotency_key_reused", "this Idempotency-Key created a "
@@ -155,13 +159,18 @@ class Sessions:
         self.engine.warm(meta)
         return View(meta, SessionHead(0 if fields is not None else None, None, 0, None, None))
 
-    async def _replay(self, tenant: str, key: str, first: str | None) -> View | None:
-        """The session an earlier create with this key made (`first`, else as recorded)."""
-        if first is None:
+    async def _replay(self, tenant: str, key: str, request_digest: str | None,
+                      recorded: tuple[str, str | None] | None = None) -> View | None:
+        """The session an earlier create with this key made (`recorded`: its id and request
+        digest, else as stored); the same key with another request is refused."""
+        if recorded is None:
             raw = await self.store.redis.get(keys.create_idempotency(tenant, key))
             if raw is None:
                 return None
-            first = raw.decode()
+            sid, _, digest = raw.decode().partition(" ")
+            recorded = (sid, digest or None)
+        first, first_digest = recorded
+        check_same_request(first_digest, request_digest)
         existing = await self.store.get_meta(first)
         if existing is not None and existing.tenant == tenant:
             return View(existing, await self.store.head(first), replayed=True)

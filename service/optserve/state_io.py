@@ -86,7 +86,7 @@ def _metadata(metadata: Mapping[str, str] | None) -> dict[str, Any]:
         return {}
     try:
         info = json.loads(metadata["optserve"])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, too deep, a 5,000-digit integer
         raise DomainError("invalid_state", "__metadata__.optserve is not JSON") from None
     if not isinstance(info, dict):
         raise DomainError("invalid_state", "__metadata__.optserve must be a JSON object")

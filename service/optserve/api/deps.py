@@ -7,9 +7,11 @@ routes in that order, and the operations below ``api/`` do the 428/412/409/422 c
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 
 from optserve_client import wire
@@ -148,6 +150,27 @@ async def read_body(request: Request, limit: int) -> bytearray:
             raise DomainError("body_too_large", f"body is over the limit of {limit} bytes",
                           limit=limit)
     return out
+
+
+# What makes two requests "the same" for an Idempotency-Key, besides method, path and body.
+_HASH_INLINE = 1024 * 1024
+_DIGESTED_HEADERS = ("content-type", "if-match", "x-optserve-base-version", "x-optserve-weight")
+
+
+async def request_digest(request: Request, body: bytes | bytearray) -> str | None:
+    """The request's fingerprint, kept with its Idempotency-Key (None without a key).
+    Hashing runs off the event loop for a large body (sha256: about 1 ms per MB)."""
+    if request.headers.get("idempotency-key") is None:
+        return None
+    h = hashlib.sha256()
+    for part in (request.method, request.url.path,
+                 *(request.headers.get(k, "") for k in _DIGESTED_HEADERS)):
+        h.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    if len(body) > _HASH_INLINE:
+        await anyio.to_thread.run_sync(h.update, body)
+    else:
+        h.update(body)
+    return h.hexdigest()
 
 
 def decode_tensors(body: bytearray, kind: str

@@ -12,10 +12,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from optserve_client.spec import status_of
+from optserve_client.wire import ECHO_CHARS, clip
 
 from ..errors import DomainError
 from ..store.faults import classify
@@ -42,6 +46,9 @@ TITLES = {
     503: "Service unavailable",
     507: "Insufficient storage",
 }
+DETAIL_CHARS = 2000  # a detail quotes inputs (clipped each) and lists of names
+LIST_ITEMS = 100
+CLIENT_CLOSED = 499  # nginx's status for "the client went away first": metrics only
 
 
 class Problem(Exception):
@@ -73,16 +80,18 @@ class Problem(Exception):
         return cls(exc.code, exc.detail, headers=headers, **exc.fields)
 
     def body(self, instance: str | None = None) -> dict[str, Any]:
+        """The document; whatever in it came from the client is clipped and made encodable,
+        so a 20 MB tensor name or a lone surrogate cannot make the error itself fail."""
         doc: dict[str, Any] = {
             "type": TYPE_BASE + self.code,
             "title": TITLES.get(self.status, "Error"),
             "status": self.status,
-            "detail": self.detail,
+            "detail": clip(self.detail, DETAIL_CHARS),
             "code": self.code,
         }
         if instance:
-            doc["instance"] = instance
-        doc.update(self.extra)
+            doc["instance"] = clip(instance)
+        doc.update({k: _tame(v) for k, v in self.extra.items()})
         return doc
 
     def response(self, instance: str | None = None) -> JSONResponse:
@@ -92,6 +101,63 @@ class Problem(Exception):
             headers=self.headers,
             media_type=PROBLEM_TYPE,
         )
+
+
+def _tame(value: Any) -> Any:
+    """A problem field as it can be sent: strings clipped, long lists cut short."""
+    if isinstance(value, str):
+        return clip(value, ECHO_CHARS)
+    if isinstance(value, (list, tuple)):
+        return [_tame(v) for v in value[:LIST_ITEMS]]
+    if isinstance(value, dict):
+        return {clip(str(k)): _tame(v) for k, v in list(value.items())[:LIST_ITEMS]}
+    return value
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route takes on this path (Starlette names only the first route's
+    methods); asked of the routers, so included routers' routes count too."""
+    routes = request.app.router.routes
+    return ", ".join(m for m in _METHODS if any(
+        r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes))
+
+
+class ErrorBoundary:
+    """What no handler took: one log line with the traceback, and the 500 problem.
+
+    Starlette's own last-resort handler answers and then re-raises, so the server logs the
+    traceback a second time; this sits inside it and does not re-raise.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await internal_error().response(scope.get("path"))(scope, receive, send)
+
+
+def internal_error() -> Problem:
+    return Problem("internal_error", "an unexpected error; nothing was applied unless the "
+                   "response said so")
 
 
 def store_unavailable(exc: BaseException) -> Problem:
@@ -145,33 +211,37 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
         problem = Problem(
             _status_code(exc.status_code),
             str(exc.detail),
             status=exc.status_code,
-            headers=dict(exc.headers or {}),
+            headers=headers,
         )
         return problem.response(request.url.path)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody reads this response; its status is what the metrics count (not a 500).
+        log.info("client went away during %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED)
 
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("state store unreachable: %s", exc)
         return store_unavailable(exc).response(request.url.path)
 
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return Problem("internal_error", "an unexpected error; nothing was applied "
-                       "unless the response said so").response(request.url.path)
-
     async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
         """Redis out of memory, read-only, moved or down: a problem of its own, not a 500."""
         domain = classify(exc)
         if domain is None:
-            return await _unexpected(request, exc)
+            raise exc  # a bug: the ErrorBoundary logs it once and answers 500
         log.warning("state store refused %s %s: %s", request.method, request.url.path, exc)
         return Problem.of(domain).response(request.url.path)
 
-    app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(RedisError, _redis_refused)
+    app.add_middleware(ErrorBoundary)  # innermost middleware: others see its 500
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     app.add_exception_handler(ConnectionError, _redis_down)

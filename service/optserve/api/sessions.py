@@ -21,6 +21,7 @@ from .deps import (
     TenantDep,
     content_type,
     read_body,
+    request_digest,
     version_headers,
 )
 
@@ -110,10 +111,12 @@ def respond(response: Response, view: View) -> dict[str, Any]:
 
 
 def _load_json(raw: bytes | bytearray) -> Any:
+    """The body's JSON; anything json.loads refuses (including nesting past its depth and
+    integers past Python's digit limit) or a repeated key is a 400."""
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DomainError("malformed_body", f"body is not valid JSON: {exc}") from None
+        return wire.load_json(bytes(raw), "body")
+    except wire.WireError as exc:
+        raise DomainError("malformed_body", str(exc)) from None
 
 
 def _parse_json(raw: bytes | bytearray | Any, model: type[BaseModel]) -> Any:
@@ -147,6 +150,8 @@ async def create_session(request: Request, response: Response, tenant: TenantDep
         # Malformed tensors are a 400, which wins over any 422 of the rest of the body.
         try:
             params = wire.decode_json(json.dumps({"tensors": doc["params"]}))
+        except RecursionError:
+            raise DomainError("malformed_body", "params: nested too deeply") from None
         except wire.WireError as exc:
             raise DomainError("malformed_body", f"params: {exc}") from None
     body: CreateSession = _parse_json(doc, CreateSession)
@@ -155,7 +160,8 @@ async def create_session(request: Request, response: Response, tenant: TenantDep
         params=params, mode=body.mode, max_staleness=body.max_staleness,
         sync=body.sync.model_dump(exclude_unset=True) if body.sync is not None else None,
         name=body.name,
-        idempotency_key=request.headers.get("idempotency-key"))
+        idempotency_key=request.headers.get("idempotency-key"),
+        request_digest=await request_digest(request, raw))
     response.headers["Location"] = f"/v1/sessions/{view.meta.id}"
     if view.replayed:
         response.headers["Idempotent-Replayed"] = "true"

@@ -26,6 +26,7 @@ from .deps import (
     parse_if_match,
     parse_version_header,
     read_body,
+    request_digest,
     version_headers,
 )
 from .sessions import document
@@ -135,6 +136,7 @@ async def step(
     body = await read_body(request, settings.max_body_bytes)
     grads, metadata = decode_tensors(body, kind)
     hyperparams = parse_step_hyperparams(metadata)
+    digest = await request_digest(request, body)
     h = request.headers
     if_match = parse_if_match(h.get("if-match")) if h.get(
         "if-match", "").strip() != "*" else None
@@ -158,11 +160,12 @@ async def step(
     if meta.is_sync:
         outcome = await rounds.contribute(meta, grads, idempotency_key=idem, base_version=base,
                                           if_match=if_match, weight=weight, encode=encode,
-                                          bad_header=bad_header, hyperparams=hyperparams)
+                                          bad_header=bad_header, hyperparams=hyperparams,
+                                          request_digest=digest)
     else:
         outcome = await engine.step(meta, grads, idempotency_key=idem, base_version=base,
                                     if_match=if_match, encode=encode, bad_header=bad_header,
-                                    hyperparams=hyperparams)
+                                    hyperparams=hyperparams, request_digest=digest)
     if not outcome.replayed:
         STEPS.labels(meta.optimizer).inc()
     headers = version_headers(outcome.version)

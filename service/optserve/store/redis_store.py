@@ -53,9 +53,13 @@ def _head(values: Sequence[Any]) -> SessionHead:
                                     for f, v in zip(keys.HEAD_FIELDS, values, strict=True)})
 
 
-def idempotency_record(version: int) -> str:
-    """What an idempotency key remembers of the step it made: the version it produced."""
-    return json.dumps({"version": version})
+def idempotency_record(version: int, digest: str | None = None) -> str:
+    """What an idempotency key remembers of the step it made: the version it produced, and
+    the digest of the request (a reuse with another request is refused, not replayed)."""
+    record: dict[str, Any] = {"version": version}
+    if digest is not None:
+        record["digest"] = digest
+    return json.dumps(record)
 
 
 def now() -> float:
@@ -94,13 +98,18 @@ class Store:
         # The tenant index lives in another slot; it is only an index, filtered on read.
         await self.redis.sadd(keys.tenant_sessions(meta.tenant or ""), sid)
 
-    async def claim_create(self, tenant: str, key: str, sid: str, ttl_s: int) -> str:
-        """Record `sid` as the session this create key made; returns the first one recorded."""
+    async def claim_create(self, tenant: str, key: str, sid: str, ttl_s: int,
+                           digest: str | None = None) -> tuple[str, str | None]:
+        """Record `sid` (and its request's digest) as what this create key made; returns the
+        first session and digest recorded."""
         rkey = keys.create_idempotency(tenant, key)
-        if await self.redis.set(rkey, sid, nx=True, ex=ttl_s):
-            return sid
+        if await self.redis.set(rkey, f"{sid} {digest}" if digest else sid, nx=True, ex=ttl_s):
+            return sid, digest
         first = await self.redis.get(rkey)
-        return first.decode() if first else sid
+        if not first:
+            return sid, digest
+        first_sid, _, first_digest = first.decode().partition(" ")
+        return first_sid, first_digest or None
 
     async def get_meta(self, sid: str) -> SessionMeta | None:
         raw = await self.redis.get(keys.meta(sid))
@@ -279,6 +288,7 @@ class StepTxn:
     async def commit(self, new: int, fields: Mapping[str, Buffer], *,
                      stats: Mapping[str, float | None] | None = None,
                      idempotency_key: str | None = None,
+                     idempotency_digest: str | None = None,
                      count_step: bool = True,
                      delete_fields: Sequence[str] = (),
                      meta: SessionMeta | None = None,
@@ -302,14 +312,15 @@ class StepTxn:
         if count_step:
             cmds.append(("HINCRBY", tkey, keys.STEPS, 1))
         if idempotency_key is not None:
-            cmds.append(self.remember(idempotency_key, new))
+            cmds.append(self.remember(idempotency_key, new, idempotency_digest))
         cmds.extend(extra)
         await self.execute(cmds)
 
-    def remember(self, idempotency_key: str, version: int) -> tuple[Any, ...]:
+    def remember(self, idempotency_key: str, version: int,
+                 digest: str | None = None) -> tuple[Any, ...]:
         """The command that records `idempotency_key` as having made `version`."""
-        return ("SET", keys.idempotency(self.sid, idempotency_key), idempotency_record(version),
-                "EX", self.store.idempotency_ttl_s)
+        return ("SET", keys.idempotency(self.sid, idempotency_key),
+                idempotency_record(version, digest), "EX", self.store.idempotency_ttl_s)
 
     async def execute(self, cmds: Sequence[Sequence[Any]]) -> list[Any]:
         """MULTI, the commands, EXEC (void if the WATCHed hash moved), and the lock's release.

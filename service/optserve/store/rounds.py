@@ -41,6 +41,7 @@ class RoundHead:
     mine: bool = False
     new: bool = False
     hp: dict[str, Any] | None = None  # the hyperparameters its contributions carry
+    mine_digest: str | None = None  # the request digest of contribution ``cid``, if in
 
     @classmethod
     def open(cls, version: int, rule: SyncSpec) -> RoundHead:
@@ -53,6 +54,7 @@ class Contribution:
     weight: float
     idem: str | None
     grads: dict[str, WireTensor] = field(default_factory=dict)
+    digest: str | None = None  # of the request, remembered with the idempotency key
 
 
 def ttl(meta: SessionMeta, head: RoundHead | None = None) -> int:
@@ -74,7 +76,8 @@ async def read_head(txn: StepTxn, cid: str) -> RoundHead | None:
         return None
     return RoundHead(token.decode(), int(v), float(deadline), int(n or 0), spec,
                      float(wsum or 0.0), mine is not None,
-                     hp=json.loads(hp) if hp is not None else None)
+                     hp=json.loads(hp) if hp is not None else None,
+                     mine_digest=json.loads(mine).get("digest") if mine is not None else None)
 
 
 def add_cmds(meta: SessionMeta, head: RoundHead, cid: str, c: Contribution,
@@ -82,7 +85,7 @@ def add_cmds(meta: SessionMeta, head: RoundHead, cid: str, c: Contribution,
     """Add one contribution to the round (opening it first if `head` is new); ``hp``: the
     round's hyperparameters, set by the first contribution that carries any."""
     rkey = keys.round_(meta.id)
-    info = {"weight": c.weight, "idem": c.idem,
+    info = {"weight": c.weight, "idem": c.idem, "digest": c.digest,
             "dtypes": {n: g.dtype for n, g in c.grads.items()}}
     fields: list[Any] = [f"w.{cid}", json.dumps(info)]
     for name, g in c.grads.items():
@@ -106,7 +109,8 @@ async def read_contributions(txn: StepTxn, meta: SessionMeta) -> dict[str, Contr
         name = f.decode()
         if name.startswith("w."):
             info = json.loads(v)
-            out[name[2:]] = Contribution(info["weight"], info["idem"])
+            out[name[2:]] = Contribution(info["weight"], info["idem"],
+                                         digest=info.get("digest"))
             dtypes[name[2:]] = info["dtypes"]
     for f, v in raw.items():
         name = f.decode()
