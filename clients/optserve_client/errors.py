@@ -159,6 +159,13 @@ class NoParamsError(ConflictError):
     codes = ("no_params",)
 
 
+class RequestTimeoutError(APIStatusError):
+    """408: the body did not arrive in time; nothing was applied (retried by the SDK)."""
+
+    status_code = 408
+    codes = ("request_timeout",)
+
+
 class PreconditionFailedError(APIStatusError):
     status_code = 412
     codes = ("version_mismatch", "precondition_failed")
@@ -272,6 +279,14 @@ class InvalidNameError(UnprocessableEntityError):
     codes = ("invalid_name",)
 
 
+class TooManyTensorsError(UnprocessableEntityError):
+    """More tensors than a session may have; ``limit`` says how many."""
+
+    codes = ("too_many_tensors",)
+
+    limit: int | None = _problem_field("limit")
+
+
 class InvalidStateError(UnprocessableEntityError):
     codes = ("invalid_state",)
 
@@ -303,6 +318,12 @@ class StoreUnavailableError(ServiceUnavailableError):
 
 class SessionBusyError(ServiceUnavailableError):
     codes = ("session_busy",)
+
+
+class ServerBusyError(ServiceUnavailableError):
+    """The server holds as many request bodies as it may; retried after Retry-After."""
+
+    codes = ("server_busy",)
 
 
 class RoundExpiredError(ServiceUnavailableError):

@@ -62,6 +62,7 @@ PROBLEMS: Final = MappingProxyType({
     "round_closed": (409, "the sync round this contribution was for has closed"),
     "round_failed": (409, "the sync round failed (too few contributions by its deadline)"),
     "idempotency_key_reused": (409, "the create key's session has been deleted"),
+    "request_timeout": (408, "the body did not arrive within the body timeout"),
     "version_mismatch": (412, "If-Match names another version"),
     "body_too_large": (413, "the body is over the size limit"),
     "unsupported_media_type": (415, "Content-Type is not accepted here"),
@@ -70,6 +71,7 @@ PROBLEMS: Final = MappingProxyType({
     "immutable_hyperparam": (422, "this hyperparameter cannot change after the first step"),
     "invalid_header": (422, "a header's value is malformed"),
     "invalid_name": (422, "a tensor name is empty or padded"),
+    "too_many_tensors": (422, "more tensors than a session may have"),
     "invalid_state": (422, "an imported optimizer state does not fit the session"),
     "unknown_tensor": (422, "a tensor name the session does not have"),
     "missing_tensor": (422, "a tensor the request must carry is absent"),
@@ -84,6 +86,7 @@ PROBLEMS: Final = MappingProxyType({
     "session_busy": (503, "the session's lock could not be had in time"),
     "round_expired": (503, "a sync round's result expired before it was read"),
     "store_unavailable": (503, "the state store cannot be reached"),
+    "server_busy": (503, "the server holds as many request bodies as it may; retry"),
 })
 """Every problem ``code`` the service sends, with its status. ``http_error`` carries the
 status of the HTTP error it stands for."""
