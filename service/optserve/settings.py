@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         description="Tensor work over this many bytes runs in a worker thread, off the loop.",
     )
     offload_tensors: int = Field(
-        64, ge=0, description="So does work on more tensors than this (per-tensor Python)."
+        16, ge=0, description="So does work on more tensors than this (per-tensor Python)."
     )
     max_tensors_per_session: int = Field(
         10_000, gt=0, description="Parameters a session may have (422 too_many_tensors)."
