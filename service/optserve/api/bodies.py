@@ -8,8 +8,9 @@
   ``Retry-After``. A declared ``Content-Length`` is not reserved up front (a slow client that
   declares 64 MiB and sends nothing would hold budget it never uses, blocking everyone); it
   only refuses a body at once when it cannot fit in what is free right now.
-* **Deadline.** The whole body must arrive within ``OPTSERVE_BODY_TIMEOUT_S`` of the
-  request's start, else 408 ``request_timeout``. One total deadline, not a minimum rate: it
+* **Deadline.** The whole body must arrive within ``OPTSERVE_BODY_TIMEOUT_S`` of the route
+  starting to read it (time the server spends before that is not the client's), else 408
+  ``request_timeout``. One total deadline, not a minimum rate: it
   bounds how long any client, however it paces its bytes, holds budget and a connection.
 
 Together with `read_body` (which allocates only what arrived) a process holds at most about
@@ -63,24 +64,22 @@ class BodyLimits:
             await self.app(scope, receive, send)
             return
         budget = self.budget
-        deadline = time.monotonic() + self.timeout_s
+        deadline = math.inf
         declared = _content_length(scope)
         held = 0
         started = done = False
 
         async def limited_receive() -> Message:
-            nonlocal held, started, done
+            nonlocal held, started, done, deadline
             if done:  # the body is complete: later reads only wait for a disconnect
                 return await receive()
             if not started:
                 started = True
+                deadline = time.monotonic() + self.timeout_s
                 if declared is not None and declared > budget.free():
                     budget.charge(declared)  # refuses: it cannot fit now
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _timeout(self.timeout_s)
-            try:
-                with anyio.fail_after(remaining):
+            try:  # past the deadline, bytes that have already arrived are still taken
+                with anyio.fail_after(max(0.0, deadline - time.monotonic())):
                     message = await receive()
             except TimeoutError:
                 raise _timeout(self.timeout_s) from None
