@@ -3,6 +3,7 @@ tensors is stepped off the event loop, so other tenants' steps do not wait for i
 
 from __future__ import annotations
 
+import secrets
 import statistics
 import threading
 import time
@@ -23,9 +24,11 @@ def _assert_too_many(r: httpx.Response, limit: int) -> None:
 
 
 def test_tensors_per_session_are_bounded(redis_url: str) -> None:
-    srv = start_thread_server(redis_url=redis_url, fused="off", max_tensors_per_session=100)
+    tenant = f"limits{secrets.token_hex(4)}"  # its own (empty) list of sessions
+    srv = start_thread_server(redis_url=redis_url, fused="off", max_tensors_per_session=100,
+                              api_keys=f"{tenant}:kl")
     try:
-        with httpx.Client(base_url=srv.url) as c:
+        with httpx.Client(base_url=srv.url, headers={"authorization": "Bearer kl"}) as c:
             over = {f"t{i}": torch.zeros(1) for i in range(101)}
             r = c.post("/v1/sessions", json={"params": {n: jt([0.0]) for n in over}})
             _assert_too_many(r, 100)
