@@ -163,6 +163,13 @@ class NoParamsError(ConflictError):
     codes = ("no_params",)
 
 
+class RequestTimeoutError(APIStatusError):
+    """408: the body did not arrive in time; nothing was applied (retried by the SDK)."""
+
+    status_code = 408
+    codes = ("request_timeout",)
+
+
 class PreconditionFailedError(APIStatusError):
     status_code = 412
     codes = ("version_mismatch", "precondition_failed")
@@ -278,6 +285,12 @@ class InvalidNameError(UnprocessableEntityError):
 
 class IdempotencyKeyMismatchError(UnprocessableEntityError):
     codes = ("idempotency_key_mismatch",)
+class TooManyTensorsError(UnprocessableEntityError):
+    """More tensors than a session may have; ``limit`` says how many."""
+
+    codes = ("too_many_tensors",)
+
+    limit: int | None = _problem_field("limit")
 
 
 class InvalidStateError(UnprocessableEntityError):
@@ -332,6 +345,10 @@ class InsufficientStorageError(InternalServerError):
 
 class StoreFullError(InsufficientStorageError):
     codes = ("store_full",)
+class ServerBusyError(ServiceUnavailableError):
+    """The server holds as many request bodies as it may; retried after Retry-After."""
+
+    codes = ("server_busy",)
 
 
 class RoundExpiredError(ServiceUnavailableError):

@@ -76,6 +76,7 @@ PROBLEMS: Final = MappingProxyType({
     "hyperparams_conflict": (409, "a sync contribution's hyperparameters differ from its "
                             "round's"),
     "idempotency_key_reused": (409, "the create key's session has been deleted"),
+    "request_timeout": (408, "the body did not arrive within the body timeout"),
     "version_mismatch": (412, "If-Match names another version"),
     "body_too_large": (413, "the body is over the size limit"),
     "unsupported_media_type": (415, "Content-Type is not accepted here"),
@@ -86,6 +87,7 @@ PROBLEMS: Final = MappingProxyType({
     "immutable_hyperparam": (422, "this hyperparameter cannot change after the first step"),
     "invalid_header": (422, "a header's value is malformed"),
     "invalid_name": (422, "a tensor name is empty, padded, too long or not Unicode"),
+    "too_many_tensors": (422, "more tensors than a session may have"),
     "invalid_state": (422, "an imported optimizer state does not fit the session"),
     "unknown_tensor": (422, "a tensor name the session does not have"),
     "missing_tensor": (422, "a tensor the request must carry is absent"),
@@ -101,6 +103,7 @@ PROBLEMS: Final = MappingProxyType({
     "session_busy": (503, "the session's lock could not be had in time"),
     "round_expired": (503, "a sync round's result expired before it was read"),
     "store_unavailable": (503, "the state store cannot be reached or cannot take writes"),
+    "server_busy": (503, "the server holds as many request bodies as it may; retry"),
     "store_full": (507, "the state store is out of memory; deleting sessions frees space"),
 })
 """Every problem ``code`` the service sends, with its status. ``http_error`` carries the

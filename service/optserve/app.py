@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, startup
 from .api import ops, problems, sessions, tensors
+from .api.bodies import BodyBudget, BodyLimits
 from .engine import Engine
 from .metrics import BYTES_IN, BYTES_OUT, LATENCY, REQUESTS
 from .rounds import SyncRounds
@@ -101,6 +102,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(sessions.router)
     app.include_router(tensors.router)
+    app.state.body_budget = BodyBudget(settings.max_inflight_body_bytes)
+    app.add_middleware(BodyLimits, budget=app.state.body_budget,
+                       timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware)
     return app
 

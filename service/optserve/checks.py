@@ -75,6 +75,14 @@ def check_tensors(declared: Mapping[str, TensorSpec], given: Mapping[str, WireTe
                               f"{list(dtypes)}", tensor=name, got=t.dtype)
 
 
+def check_tensor_count(given: Mapping[str, Any], limit: int) -> None:
+    """A session's parameters are bounded in number: each one is per-tensor Python work in
+    every step, which no byte limit bounds (20,000 one-element tensors are 6 s of it)."""
+    if len(given) > limit:
+        raise DomainError("too_many_tensors", f"{len(given)} parameters; a session may have at "
+                          f"most {limit}", limit=limit, got=len(given))
+
+
 def check_param_body(declared: Mapping[str, TensorSpec] | None,
                      given: Mapping[str, WireTensor]) -> None:
     """Parameters: float32/float64, and once defined, the same names, shapes and dtypes."""

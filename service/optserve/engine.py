@@ -15,6 +15,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -57,8 +58,8 @@ class StepOutcome:
     after_send: Callable[[], None] | None = None
 
 
-def _numel(t: WireTensor | torch.Tensor) -> int:
-    return t.numel() if isinstance(t, torch.Tensor) else t.numel
+def _nbytes(t: WireTensor | torch.Tensor) -> int:
+    return nbytes(t) if isinstance(t, torch.Tensor) else t.data.nbytes
 
 
 def _accumulators_finite(opt: optim.OptimizerDef, loaded: Loaded, names: list[str]) -> bool:
@@ -153,18 +154,32 @@ class Engine:
         if cached is not None:
             return cached
         raw = await txn.call("HGETALL", keys.tensors(sid))
-        fields = {k.decode(): v for k, v in raw.items()}
-        stored = fields.get(keys.VERSION)
-        if stored is None or int(stored) != version:
-            raise StoreConflict(f"session {sid} moved from {version} to {stored}")
-        loaded = await self._offload(self.materialize, meta, version, fields,
-                                     numel=sum(len(v) for v in fields.values()) // 4)
+        loaded = await self.offload(self._materialize_stored, meta, version, raw,
+                                    count=len(raw), nbytes=lambda: sum(map(len, raw.values())))
         loaded.nonce = txn.nonce
         return loaded
 
-    async def _offload(self, fn: Callable[..., Any], *args: Any, numel: int) -> Any:
-        """Large tensor work runs in a worker thread so the event loop keeps serving."""
-        if numel > self.settings.offload_numel:
+    def _materialize_stored(self, meta: SessionMeta, version: int,
+                            raw: Mapping[bytes, bytes]) -> Loaded:
+        fields = {k.decode(): v for k, v in raw.items()}
+        stored = fields.get(keys.VERSION)
+        if stored is None or int(stored) != version:
+            raise StoreConflict(f"session {meta.id} moved from {version} to {stored}")
+        return self.materialize(meta, version, fields)
+
+    def should_offload(self, count: int, nbytes: int | Callable[[], int]) -> bool:
+        """Whether tensor work is big enough for a worker thread: by bytes (the math), or by
+        tensor count (per-tensor Python: 20,000 one-element tensors are 6 s of it)."""
+        s = self.settings
+        if count > s.offload_tensors:
+            return True
+        return (nbytes() if callable(nbytes) else nbytes) > s.offload_bytes
+
+    async def offload(self, fn: Callable[..., Any], *args: Any, count: int,
+                      nbytes: int | Callable[[], int]) -> Any:
+        """`fn(*args)`, in a worker thread when `should_offload`, so the event loop keeps
+        serving other tenants; small work stays on the loop (a thread hop costs more)."""
+        if self.should_offload(count, nbytes):
             return await anyio.to_thread.run_sync(lambda: fn(*args))
         return fn(*args)
 
@@ -208,8 +223,9 @@ class Engine:
             check_staleness(meta, version, base_version)
             if bad_header is not None:  # an invalid header, after the version checks
                 raise bad_header
-            check_tensors(meta.tensors, grads, what="gradient", require_all=False,
-                          dtypes=FLOAT_DTYPES)
+            await self.offload(partial(check_tensors, meta.tensors, grads, what="gradient",
+                                       require_all=False, dtypes=FLOAT_DTYPES),
+                               count=len(grads), nbytes=0)
             hp = await step_hyperparams(txn, meta, hyperparams) if hyperparams else None
             try:
                 return await self.step_locked(txn, meta, version, grads, idempotency_key,
@@ -245,7 +261,8 @@ class Engine:
                           memoryview(raw[keys.param_field(n)]))
             for n in declared
         }
-        body = await self._offload(encode, tensors, numel=sum(len(b) for b in raw.values()) // 4)
+        body = await self.offload(encode, tensors, count=len(tensors),
+                                  nbytes=lambda: sum(map(len, raw.values())))
         return version, body
 
     async def step_locked(self, txn: StepTxn, meta: SessionMeta, version: int,
@@ -267,17 +284,12 @@ class Engine:
         hp = opt.hyperparams.model_validate((new_meta or meta).hyperparams)
         loaded = await self.load(meta, version, txn)
         stale = self._momentum_switched_on(meta, new_meta, loaded)
-        numel = sum(_numel(w) for w in grads.values())
-        touched, stats = await self._offload(self._apply, opt, hp, loaded, grads, numel=numel)
-        fields: dict[str, memoryview] = {}
-        for name in touched:
-            fields[keys.param_field(name)] = to_bytes(loaded.params[name])
-            for key, t in loaded.state.get(name, {}).items():
-                fields[keys.state_field(name, key)] = to_bytes(t)
+        fields, stats = await self.offload(self._apply_and_pack, opt, hp, loaded, grads,
+                                           count=len(grads),
+                                           nbytes=lambda: sum(map(_nbytes, grads.values())))
         new_version = version + 1
         more = [txn.remember(k, new_version, d) for k, d in extra_idempotency_keys]
         loaded.version = new_version
-        loaded.count_bytes()
         await txn.commit(
             new_version, fields, stats=stats, idempotency_key=idempotency_key,
             idempotency_digest=idempotency_digest,
@@ -289,7 +301,8 @@ class Engine:
             self.warm(new_meta)
         body = None
         if encode is not None:
-            body = await self._offload(encode, loaded.params, numel=numel)
+            body = await self.offload(encode, loaded.params, count=len(loaded.params),
+                                      nbytes=lambda: sum(map(nbytes, loaded.params.values())))
         # `loaded` was taken out of the cache for this step; it goes back after the send.
         return StepOutcome(new_version, body, stats=stats,
                            after_send=lambda: self.cache.put(sid, loaded))
@@ -307,6 +320,18 @@ class Engine:
             if st.pop("momentum_buffer", None) is not None:
                 stale.append(keys.state_field(name, "momentum_buffer"))
         return stale
+    def _apply_and_pack(self, opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
+                        grads: Mapping[str, WireTensor | torch.Tensor]
+                        ) -> tuple[dict[str, memoryview], dict[str, float | None]]:
+        """The step, then the changed tensors as the Redis fields to write."""
+        touched, stats = self._apply(opt, hp, loaded, grads)
+        fields: dict[str, memoryview] = {}
+        for name in touched:
+            fields[keys.param_field(name)] = to_bytes(loaded.params[name])
+            for key, t in loaded.state.get(name, {}).items():
+                fields[keys.state_field(name, key)] = to_bytes(t)
+        loaded.count_bytes()
+        return fields, stats
 
     def _apply(self, opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
                grads: Mapping[str, WireTensor | torch.Tensor]

@@ -21,6 +21,7 @@ from .checks import (
     check_finite,
     check_param_body,
     check_same_request,
+    check_tensor_count,
     locked_session,
     require_if_match,
     validate_hyperparams,
@@ -119,8 +120,7 @@ class Sessions:
         sync_spec = sync_settings(sync) if sync is not None else None
         fields = None
         if params is not None:
-            check_param_body(None, params)
-            check_finite(params, "cpu", "parameter")
+            await self._check_params(None, params)
             fields = {keys.param_field(n): t.data for n, t in params.items()}
         meta = SessionMeta(
             id=secrets.token_urlsafe(18), tenant=tenant, name=name, optimizer=optimizer,
@@ -190,6 +190,17 @@ class Sessions:
         except BaseException:
             await quotas.restore(self.store.redis.execute_command, tenant, meta.id, previous)
             raise
+    async def _check_params(self, declared: Mapping[str, Any] | None,
+                            params: Mapping[str, wire.WireTensor]) -> None:
+        """New parameters' count (when they define the session), dtypes, names and values."""
+        if declared is None:
+            check_tensor_count(params, self.settings.max_tensors_per_session)
+
+        def check() -> None:
+            check_param_body(declared, params)
+            check_finite(params, "cpu", "parameter")
+
+        await self.engine.offload(check, count=len(params), nbytes=_wire_bytes(params))
 
     async def patch(self, meta: SessionMeta, *, optimizer: str | None,
                     hyperparams: Mapping[str, Any] | None, changes: Mapping[str, Any],
@@ -242,8 +253,7 @@ class Sessions:
             meta, version = locked_session(txn)
             declared = meta.tensors or None
             require_if_match(version, if_match, "parameters")
-            check_param_body(declared, tensors)
-            check_finite(tensors, "cpu", "parameter")
+            await self._check_params(declared, tensors)
             fields = {keys.param_field(n): t.data for n, t in tensors.items()}
             new_meta = meta.replace(tensors=describe(tensors)) if declared is None else None
             self.engine.cache.drop(sid)
@@ -262,7 +272,9 @@ class Sessions:
         async with self.store.step_txn(sid) as txn:
             meta, version = locked_session(txn)
             require_if_match(version, if_match, "the state")
-            new = state_io.parse_import(meta, tensors, metadata)
+            new = await self.engine.offload(state_io.parse_import, meta, tensors, metadata,
+                                            count=len(tensors), nbytes=_wire_bytes(tensors))
+            check_tensor_count(new.params, self.settings.max_tensors_per_session)
             stale = [f.decode() for f in await txn.call("HKEYS", keys.tensors(sid))
                      if f.startswith(b"s.") and f.decode() not in new.fields]
             new_meta = meta.replace(optimizer=new.optimizer, hyperparams=new.hyperparams,
@@ -283,7 +295,9 @@ class Sessions:
         version, fields = await self.store.load(meta.id)
         info = {"optimizer": meta.optimizer, "hyperparams": meta.hyperparams,
                 "version": version}
-        return version, state_io.export(meta, fields), info
+        exported = await self.engine.offload(state_io.export, meta, fields, count=len(fields),
+                                             nbytes=lambda: sum(map(len, fields.values())))
+        return version, exported, info
 
     async def stats(self, meta: SessionMeta) -> dict[str, Any]:
         """Steps, last norms and each tensor's step count and effective learning rates."""
@@ -293,20 +307,9 @@ class Sessions:
         hp = opt.hyperparams.model_validate(meta.hyperparams)
         tensors: dict[str, Any] = {}
         if version is not None:
-            loaded = self.engine.materialize(meta, version, {
-                f: b for f, b in fields.items() if f.startswith("s.")})
-            for name in meta.tensors:
-                st = loaded.state.get(name, {})
-                entry: dict[str, Any] = {"step": int(st["step"].item()) if "step" in st else 0}
-                eff = optim.effective_lr(opt, hp, st) if st else None
-                if eff is not None and eff.numel():
-                    flat = eff.reshape(-1).double()
-                    entry["effective_lr"] = {"min": float(flat.min()),
-                                             "median": float(flat.median()),
-                                             "max": float(flat.max())}
-                else:
-                    entry["effective_lr"] = None
-                tensors[name] = entry
+            tensors = await self.engine.offload(
+                self._tensor_stats, meta, version, fields, opt, hp, count=len(fields),
+                nbytes=lambda: sum(map(len, fields.values())))
         return {
             "version": version,
             "steps_applied": head.steps,
@@ -317,8 +320,33 @@ class Sessions:
             "tensors": tensors,
         }
 
+    def _tensor_stats(self, meta: SessionMeta, version: int, fields: Mapping[str, bytes],
+                      opt: optim.OptimizerDef, hp: Any) -> dict[str, Any]:
+        """Each tensor's step count and effective learning rates (per-tensor torch work)."""
+        loaded = self.engine.materialize(meta, version, {
+            f: b for f, b in fields.items() if f.startswith("s.")})
+        tensors: dict[str, Any] = {}
+        for name in meta.tensors:
+            st = loaded.state.get(name, {})
+            entry: dict[str, Any] = {"step": int(st["step"].item()) if "step" in st else 0}
+            eff = optim.effective_lr(opt, hp, st) if st else None
+            if eff is not None and eff.numel():
+                flat = eff.reshape(-1).double()
+                entry["effective_lr"] = {"min": float(flat.min()),
+                                         "median": float(flat.median()),
+                                         "max": float(flat.max())}
+            else:
+                entry["effective_lr"] = None
+            tensors[name] = entry
+        return tensors
+
     async def delete(self, meta: SessionMeta) -> None:
         """Delete the session once a step in flight (holding its lock) is done; this works
         when Redis is out of memory too (see `Store.delete`), and frees the tenant's quota."""
         await self.store.delete(meta.id, meta.tenant or "")
         self.engine.cache.drop(meta.id)
+
+
+def _wire_bytes(tensors: Mapping[str, wire.WireTensor]) -> Any:
+    """Their bytes, counted only if the tensor count does not already decide."""
+    return lambda: sum(t.data.nbytes for t in tensors.values())

@@ -55,8 +55,22 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = Field(1, ge=1)
-    offload_numel: int = Field(
-        65536, ge=0, description="Steps over more elements than this run off the event loop."
+    offload_bytes: int = Field(
+        256 * 1024, ge=0,
+        description="Tensor work over this many bytes runs in a worker thread, off the loop.",
+    )
+    offload_tensors: int = Field(
+        16, ge=0, description="So does work on more tensors than this (per-tensor Python)."
+    )
+    max_tensors_per_session: int = Field(
+        10_000, gt=0, description="Parameters a session may have (422 too_many_tensors)."
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="A request body must arrive within this many seconds (408)."
+    )
+    max_inflight_body_bytes: int = Field(
+        1024 * 1024 * 1024, gt=0,
+        description="Request body bytes held at once per process; beyond: 503 server_busy.",
     )
 
     @model_validator(mode="after")

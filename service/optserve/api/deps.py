@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import anyio
 from fastapi import Depends, Request
@@ -28,9 +29,7 @@ from .negotiation import negotiate
 from .problems import Problem
 
 DEFAULT_TENANT = "default"
-# A declared Content-Length is trusted for one up-front buffer only up to this size, so a
-# client cannot make the server zero-fill 512 MiB before sending a byte; larger bodies grow.
-_PREALLOCATE_MAX = 64 * 1024 * 1024
+T = TypeVar("T")
 _ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,18})"?\s*$')
 
 
@@ -114,7 +113,15 @@ def accept(request: Request, default: str, allowed: tuple[str, ...] = wire.TENSO
 
 
 async def read_body(request: Request, limit: int) -> bytearray:
-    """Read the body into one writable buffer, refusing it (413) as soon as it passes `limit`."""
+    """Read the body into one writable buffer, refusing it (413) as soon as it passes `limit`.
+
+    Memory follows the bytes that arrived, never the declared Content-Length: the buffer
+    grows as chunks come (CPython grows a bytearray in place, by realloc, so a 40 MB body
+    costs what one preallocated buffer would). `limit` is also capped by the in-flight body
+    budget, which a larger body could never fit (see `api/bodies.py`).
+    """
+    settings = request.app.state.settings
+    limit = min(limit, settings.max_inflight_body_bytes)
     declared = request.headers.get("content-length")
     size_hint = 0
     if declared is not None:
@@ -124,31 +131,19 @@ async def read_body(request: Request, limit: int) -> bytearray:
             raise DomainError("malformed_body", "Content-Length is not a number") from None
         if size_hint > limit:
             raise DomainError("body_too_large", f"body of {size_hint} bytes is over the limit of "
-                          f"{limit} bytes", limit=limit)
-    if 0 < size_hint <= _PREALLOCATE_MAX:
-        buf = bytearray(size_hint)
-        view = memoryview(buf)
-        n = 0
-        async for chunk in request.stream():
-            end = n + len(chunk)
-            if end > limit:
-                raise DomainError("body_too_large", f"body is over the limit of {limit} bytes",
-                              limit=limit)
-            if end > size_hint:
-                raise DomainError("malformed_body", "body longer than its Content-Length")
-            view[n:end] = chunk
-            n = end
-        if n != size_hint:
-            raise DomainError("malformed_body", "body shorter than its Content-Length")
-        return buf
+                              f"{limit} bytes", limit=limit)
     out = bytearray()
     async for chunk in request.stream():
-        out += chunk
-        if size_hint and len(out) > size_hint:
-            raise DomainError("malformed_body", "body longer than its Content-Length")
-        if len(out) > limit:
+        if not chunk:
+            continue
+        if len(out) + len(chunk) > limit:
             raise DomainError("body_too_large", f"body is over the limit of {limit} bytes",
-                          limit=limit)
+                              limit=limit)
+        if declared is not None and len(out) + len(chunk) > size_hint:
+            raise DomainError("malformed_body", "body longer than its Content-Length")
+        out += chunk
+    if declared is not None and len(out) != size_hint:
+        raise DomainError("malformed_body", "body shorter than its Content-Length")
     return out
 
 
@@ -173,12 +168,34 @@ async def request_digest(request: Request, body: bytes | bytearray) -> str | Non
     return h.hexdigest()
 
 
-def decode_tensors(body: bytearray, kind: str
-                   ) -> tuple[dict[str, wire.WireTensor], dict[str, str] | None]:
-    try:
-        return wire.decode(body, kind)
-    except wire.WireError as exc:
-        raise DomainError("malformed_body", str(exc)) from None
+# Parsing is per-tensor Python (and JSON per number): ~200-300 ns a byte of JSON or of a
+# safetensors header. Up to this many bytes of it stay on the event loop (a few ms).
+PARSE_ON_LOOP_BYTES = 16 * 1024
+
+
+def parse_cost(body: bytes | bytearray | memoryview, kind: str) -> int:
+    """The bytes a decode parses: the whole body for JSON, the header for safetensors."""
+    if kind == wire.SAFETENSORS_TYPE:
+        return int.from_bytes(body[:8], "little") if len(body) >= 8 else 0
+    return len(body)
+
+
+async def off_loop(fn: Callable[[], T], cost: int) -> T:
+    """`fn()`, in a worker thread when it parses more than `PARSE_ON_LOOP_BYTES`."""
+    if cost > PARSE_ON_LOOP_BYTES:
+        return await anyio.to_thread.run_sync(fn)
+    return fn()
+
+
+async def decode_tensors(body: bytearray, kind: str
+                         ) -> tuple[dict[str, wire.WireTensor], dict[str, str] | None]:
+    def decode() -> tuple[dict[str, wire.WireTensor], dict[str, str] | None]:
+        try:
+            return wire.decode(body, kind)
+        except wire.WireError as exc:
+            raise DomainError("malformed_body", str(exc)) from None
+
+    return await off_loop(decode, parse_cost(body, kind))
 
 
 def parse_if_match(value: str | None) -> int | None:

@@ -20,6 +20,7 @@ from .deps import (
     SettingsDep,
     TenantDep,
     content_type,
+    off_loop,
     read_body,
     request_digest,
     version_headers,
@@ -137,13 +138,8 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
                                                                 "schemas/{model}")}}}}
 
 
-@router.post("", status_code=201, response_model=SessionDoc,
-             openapi_extra=_json_body(CreateSession),
-             responses={201: {"headers": {"Location": {"schema": {"type": "string"}}}}})
-async def create_session(request: Request, response: Response, tenant: TenantDep,
-                         sessions: SessionsDep, settings: SettingsDep) -> dict[str, Any]:
-    content_type(request, (wire.JSON_TYPE,))
-    raw = await read_body(request, settings.max_body_bytes)
+def _create_doc(raw: bytearray) -> tuple[Any, dict[str, wire.WireTensor] | None]:
+    """The create body as JSON, and its ``params`` decoded (a big one: off the event loop)."""
     doc = _load_json(raw)
     params = None
     if isinstance(doc, dict) and doc.get("params") is not None:
@@ -154,6 +150,17 @@ async def create_session(request: Request, response: Response, tenant: TenantDep
             raise DomainError("malformed_body", "params: nested too deeply") from None
         except wire.WireError as exc:
             raise DomainError("malformed_body", f"params: {exc}") from None
+    return doc, params
+
+
+@router.post("", status_code=201, response_model=SessionDoc,
+             openapi_extra=_json_body(CreateSession),
+             responses={201: {"headers": {"Location": {"schema": {"type": "string"}}}}})
+async def create_session(request: Request, response: Response, tenant: TenantDep,
+                         sessions: SessionsDep, settings: SettingsDep) -> dict[str, Any]:
+    content_type(request, (wire.JSON_TYPE,))
+    raw = await read_body(request, settings.max_body_bytes)
+    doc, params = await off_loop(lambda: _create_doc(raw), len(raw))
     body: CreateSession = _parse_json(doc, CreateSession)
     view = await sessions.create(
         tenant, optimizer=body.optimizer, preset=body.preset, hyperparams=body.hyperparams,

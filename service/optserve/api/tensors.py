@@ -113,7 +113,7 @@ async def put_params(request: Request, meta: SessionDep, sessions: SessionsDep,
                      settings: SettingsDep) -> Response:
     kind = content_type(request, wire.TENSOR_TYPES)
     body = await read_body(request, settings.max_body_bytes)
-    tensors, metadata = decode_tensors(body, kind)
+    tensors, metadata = await decode_tensors(body, kind)
     if kind == wire.JSON_TYPE and metadata is not None:
         raise DomainError("malformed_body", "`hyperparams` ride only with a step; PATCH the "
                           "session to change them")
@@ -134,7 +134,7 @@ async def step(
     kind = content_type(request, wire.TENSOR_TYPES)
     out_kind = accept(request, kind)
     body = await read_body(request, settings.max_body_bytes)
-    grads, metadata = decode_tensors(body, kind)
+    grads, metadata = await decode_tensors(body, kind)
     hyperparams = parse_step_hyperparams(metadata)
     digest = await request_digest(request, body)
     h = request.headers
@@ -196,7 +196,9 @@ def _weight(raw: str | None) -> float:
 async def get_state(request: Request, meta: SessionDep, sessions: SessionsDep) -> Response:
     accept(request, wire.SAFETENSORS_TYPE, (wire.SAFETENSORS_TYPE,))
     version, tensors, info = await sessions.export_state(meta)
-    body = wire.encode_safetensors(tensors, {"optserve": json.dumps(info)})
+    body = await sessions.engine.offload(
+        wire.encode_safetensors, tensors, {"optserve": json.dumps(info)}, count=len(tensors),
+        nbytes=lambda: sum(t.data.nbytes for t in tensors.values()))
     return Response(body, media_type=wire.SAFETENSORS_TYPE, headers=version_headers(version))
 
 
@@ -206,7 +208,7 @@ async def put_state(request: Request, meta: SessionDep, sessions: SessionsDep,
                     settings: SettingsDep) -> Response:
     kind = content_type(request, (wire.SAFETENSORS_TYPE,))
     body = await read_body(request, settings.max_body_bytes)
-    tensors, metadata = decode_tensors(body, kind)
+    tensors, metadata = await decode_tensors(body, kind)
     view = await sessions.import_state(meta, tensors, metadata, if_match_header(request))
     return _json_document(view)
 
