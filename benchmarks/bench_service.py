@@ -50,12 +50,12 @@ def torch_step_times(n: int, steps: int) -> list[float]:
     return out[3:]
 
 
-def _aof(client: redis.Redis) -> tuple[int | None, int, bool]:
-    """(aof_current_size or None without AOF, total forks, a rewrite or save running)."""
+def _aof(client: redis.Redis) -> tuple[int | None, int, int]:
+    """(aof_current_size or None without AOF, total forks, aof_base_size): the base size
+    changes exactly when a rewrite completes, which resets the current size."""
     info = {**client.info("persistence"), **client.info("stats")}
-    busy = bool(info.get("aof_rewrite_in_progress") or info.get("rdb_bgsave_in_progress"))
     size = info.get("aof_current_size") if info.get("aof_enabled") else None
-    return size, int(info["total_forks"]), busy
+    return size, int(info["total_forks"]), int(info.get("aof_base_size", 0))
 
 
 def service_run(server: PrivateServer, n: int, steps: int) -> Run:
@@ -85,9 +85,9 @@ def service_run(server: PrivateServer, n: int, steps: int) -> Run:
         after = _aof(client)  # outside the timed region
         if i >= 3:
             run.times.append(elapsed)
-            clean = after[1] == before[1] and not (before[2] or after[2])
+            clean = after[1:] == before[1:]
             if before[0] is not None and after[0] is not None and clean:
-                run.aof_deltas.append(after[0] - before[0])
+                run.aof_deltas.append(after[0] - before[0])  # type: ignore[operator]
         before = after
     run.forks = before[1] - forks0
     client.close()
