@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from _common import cpu_model, optserve_server
+from _common import PERSISTENCE, cpu_model, optserve_server
 
 from optserve.store.embedded import find_redis_server
 from optserve_client import Client
@@ -156,11 +156,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per async session")
     ap.add_argument("--numel", type=float, default=1e4, help="float32 elements per session")
     ap.add_argument("--server-procs", type=int, default=1, help="uvicorn worker processes")
-    ap.add_argument("--fused", default="off", choices=["on", "off"])
+    ap.add_argument("--kernel", default="exact", choices=["exact", "compiled"])
+    ap.add_argument("--persistence", default="aof-everysec", choices=list(PERSISTENCE))
     args = ap.parse_args()
     numel = int(args.numel)
     rows = []
-    with optserve_server(fused=args.fused, workers=args.server_procs) as url:
+    with optserve_server(kernel=args.kernel, workers=args.server_procs,
+                         persistence=args.persistence) as server:
+        url, described = server.url, server.describe()
         for w in args.workers:
             row = bench_sync(url, w, args.rounds, numel)
             rows.append((f"sync, 1 session, {w} worker{'s' if w > 1 else ''}", *row))
@@ -171,8 +174,8 @@ def main() -> None:
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Linux {platform.release()}; "
           f"Python {platform.python_version()}, torch {torch.__version__}, redis "
-          f"{redis_version()} (AOF off); {args.server_procs} server process(es), "
-          f"fused={args.fused}; {numel:.0e} float32 elements per session; client threads "
+          f"{redis_version()}; {described}; {args.server_procs} server process(es), "
+          f"kernel={args.kernel}; {numel:.0e} float32 elements per session; client threads "
           "on the same machine\n")
     print("| scenario | optimizer steps/s | pushes/s | push p50 (ms) | push p99 (ms) "
           "| retried pushes |")

@@ -1,10 +1,14 @@
 """End-to-end step latency: one client, HTTP + Redis + the step, against in-process torch.
 
-    python benchmarks/bench_service.py [--sizes 1e4 1e6 1e7] [--steps 30] [--fused on|off]
+    python benchmarks/bench_service.py [--sizes 1e4 1e6 1e7] [--steps 30]
+        [--persistence aof-everysec|aof-always|rdb|none|all] [--kernel exact|compiled]
 
-Starts its own redis-server and one `uvicorn` optserve process, then times
+Starts its own redis-server (configured as deploy/redis.conf: append-only, fsync every
+second, unless --persistence says otherwise) and `optserve serve`, then times
 `POST /v1/sessions/{id}/step` (safetensors both ways, parameters returned) against
-`torch.optim.RMSprop.step()` on the same data in this process, and prints a Markdown table.
+`torch.optim.RMSprop.step()` on the same data in this process, and prints a Markdown table
+with the persistence it ran with, the bytes each step appends to the append-only file and
+how many times Redis forked to rewrite it (or to snapshot) during the run.
 """
 
 from __future__ import annotations
@@ -15,14 +19,22 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
 
+import redis
 import torch
-from _common import cpu_model, optserve_server
+from _common import PERSISTENCE, PrivateServer, cpu_model, loadavg, optserve_server
 
 from optserve_client import wire
 
-ROOT = Path(__file__).resolve().parent.parent
+
+@dataclass
+class Run:
+    """The timings of one size under one persistence, and what Redis wrote meanwhile."""
+
+    times: list[float] = field(default_factory=list)
+    aof_deltas: list[int] = field(default_factory=list)  # per step, rewrite-free steps only
+    forks: int = 0
 
 
 def torch_step_times(n: int, steps: int) -> list[float]:
@@ -38,59 +50,97 @@ def torch_step_times(n: int, steps: int) -> list[float]:
     return out[3:]
 
 
-def service_step_times(port: int, n: int, steps: int) -> list[float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = json.dumps({"params": {"w": {"dtype": "float32", "shape": [1], "data": [0.0]}}})
+def _aof(client: redis.Redis) -> tuple[int | None, int, int]:
+    """(aof_current_size or None without AOF, total forks, aof_base_size): the base size
+    changes exactly when a rewrite completes, which resets the current size."""
+    info = {**client.info("persistence"), **client.info("stats")}
+    size = info.get("aof_current_size") if info.get("aof_enabled") else None
+    return size, int(info["total_forks"]), int(info.get("aof_base_size", 0))
+
+
+def service_run(server: PrivateServer, n: int, steps: int) -> Run:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
     conn.request("POST", "/v1/sessions", body=json.dumps({"hyperparams": {"lr": 0.01}}),
                  headers={"content-type": "application/json"})
     sid = json.loads(conn.getresponse().read())["id"]
-    del body
-    params = wire.encode_safetensors({"w": torch.zeros(n)})
-    conn.request("PUT", f"/v1/sessions/{sid}/params", body=params,
+    conn.request("PUT", f"/v1/sessions/{sid}/params",
+                 body=wire.encode_safetensors({"w": torch.zeros(n)}),
                  headers={"content-type": wire.SAFETENSORS_TYPE})
     resp = conn.getresponse()
     resp.read()
     assert resp.status == 200, resp.status
     grad = wire.encode_safetensors({"w": torch.randn(n)})
-    out = []
-    for _ in range(steps + 3):
+    client = server.redis.client()
+    run = Run()
+    before = _aof(client)
+    forks0 = before[1]
+    for i in range(steps + 3):
         t0 = time.perf_counter()
         conn.request("POST", f"/v1/sessions/{sid}/step", body=grad,
                      headers={"content-type": wire.SAFETENSORS_TYPE})
         resp = conn.getresponse()
         data = resp.read()
-        out.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
         assert resp.status == 200, data[:300]
+        after = _aof(client)  # outside the timed region
+        if i >= 3:
+            run.times.append(elapsed)
+            clean = after[1:] == before[1:]
+            if before[0] is not None and after[0] is not None and clean:
+                run.aof_deltas.append(after[0] - before[0])  # type: ignore[operator]
+        before = after
+    run.forks = before[1] - forks0
+    client.close()
     conn.request("DELETE", f"/v1/sessions/{sid}")
     conn.getresponse().read()
     conn.close()
-    return out[3:]
+    return run
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e4, 1e6, 1e7])
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--fused", default="on", choices=["on", "off"])
+    ap.add_argument("--persistence", default="aof-everysec", choices=[*PERSISTENCE, "all"])
+    ap.add_argument("--kernel", default="exact", choices=["exact", "compiled"])
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    with optserve_server(fused=args.fused) as url:
-        port = int(url.rsplit(":", 1)[1])
-        rows = []
-        for size in args.sizes:
-            n = int(size)
-            steps = args.steps if n <= 1_000_000 else max(10, args.steps // 3)
-            svc = service_step_times(port, n, steps)
-            loc = torch_step_times(n, steps)
-            s50, s99 = statistics.median(svc), sorted(svc)[int(0.99 * (len(svc) - 1))]
-            l50 = statistics.median(loc)
-            rows.append((n, s50, s99, l50, s50 / l50))
+    modes = list(PERSISTENCE) if args.persistence == "all" else [args.persistence]
+    load_before = loadavg()
+    rows, described = [], []
+    for mode in modes:
+        with optserve_server(kernel=args.kernel, persistence=mode) as server:
+            described.append(server.describe())
+            for size in args.sizes:
+                n = int(size)
+                steps = args.steps if n <= 1_000_000 else max(10, args.steps // 3)
+                run = service_run(server, n, steps)
+                loc = torch_step_times(n, steps)
+                rows.append((mode, n, run, statistics.median(loc)))
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; "
-          f"fused={args.fused}; redis AOF off; one client, safetensors both ways\n")
-    print("| elements | service p50 (ms) | service p99 (ms) | torch step p50 (ms) | ratio |")
-    print("|---:|---:|---:|---:|---:|")
-    for n, s50, s99, l50, ratio in rows:
-        print(f"| {n:.0e} | {s50 * 1e3:.2f} | {s99 * 1e3:.2f} | {l50 * 1e3:.3f} | {ratio:.1f}x |")
+          f"kernel={args.kernel}; one client, safetensors both ways, parameters returned; "
+          f"load average before {load_before}, after {loadavg()}")
+    for line in described:
+        print(f"  {line}")
+    print("\n| persistence | elements | service p50 (ms) | service p99 (ms) "
+          "| torch step p50 (ms) | ratio | AOF appended per step | forks (AOF rewrites "
+          "or snapshots) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mode, n, run, l50 in rows:
+        s = sorted(run.times)
+        s50, s99 = statistics.median(s), s[int(0.99 * (len(s) - 1))]
+        aof = _mb(statistics.median(run.aof_deltas)) if run.aof_deltas else "-"
+        print(f"| {mode} | {n:.0e} | {s50 * 1e3:.2f} | {s99 * 1e3:.2f} | {l50 * 1e3:.3f} "
+              f"| {s50 / l50:.1f}x | {aof} | {run.forks} in {len(s) + 3} steps |")
+    print("\n| persistence | acknowledged steps lost on a Redis crash | on a machine crash |")
+    print("|---|---|---|")
+    for mode in modes:
+        p = PERSISTENCE[mode]
+        print(f"| {mode} | {p.process_crash} | {p.machine_crash} |")
 
 
 if __name__ == "__main__":
