@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .api import ops, problems, sessions, tensors
+from .api import openapi, ops, problems, sessions, tensors
 from .engine import Engine
 from .metrics import BYTES_IN, BYTES_OUT, LATENCY, REQUESTS
 from .rounds import SyncRounds
@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(tensors.router)
     app.add_middleware(MetricsMiddleware)
+    openapi.install(app)  # the document, completed from the contract (spec.PROBLEMS, headers)
     return app
 
 
