@@ -120,7 +120,7 @@ def decode_safetensors(body: bytes | bytearray | memoryview
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise WireError(f"tensor {name!r}: entry needs exactly dtype, shape, data_offsets")
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if code not in _CODE_TO_NAME:
+        if not isinstance(code, str) or code not in _CODE_TO_NAME:
             raise WireError(f"tensor {name!r}: unknown safetensors dtype {code!r}")
         shape_t = _check_shape(name, shape)
         if (
@@ -163,7 +163,7 @@ def decode_json(body: bytes | bytearray | memoryview | str) -> dict[str, WireTen
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data"}:
             raise WireError(f"tensor {name!r}: needs exactly dtype, shape and data")
         dtype, data = info["dtype"], info["data"]
-        if dtype not in ITEMSIZE or dtype == "complex64":
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE or dtype == "complex64":
             raise WireError(f"tensor {name!r}: unknown dtype {dtype!r}")
         shape = _check_shape(name, info["shape"])
         if not isinstance(data, list) or not all(

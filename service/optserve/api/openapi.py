@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.routing import compile_path
 
 from optserve_client import wire
 from optserve_client.spec import PROBLEMS
@@ -57,7 +58,7 @@ HEADERS: dict[str, dict[str, Any]] = {
     "Idempotency-Key": {
         "description": "1-255 printable characters; a retry with the same key applies "
                        "nothing twice and gets the first outcome (`Idempotent-Replayed`).",
-        "schema": {"type": "string", "pattern": "^[!-~]([ -~]{0,253}[!-~])?$"}},
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255}},
     "X-Optserve-Base-Version": {
         "description": "The version the gradient was computed on (staleness, sync rounds).",
         "schema": _VERSION},
@@ -280,6 +281,15 @@ def build(app: FastAPI) -> dict[str, Any]:
         "Tensor bodies are safetensors (`" + wire.SAFETENSORS_TYPE + "`) or JSON (`"
         + wire.JSON_TYPE + "`); errors are `" + PROBLEM_TYPE + "`. See docs/API.md.")
     return doc
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the document gives `path` (for a 405's Allow header)."""
+    methods: set[str] = set()
+    for template, item in app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(path):
+            methods |= {m.upper() for m, op in item.items() if isinstance(op, dict)}
+    return sorted(methods)
 
 
 def install(app: FastAPI) -> None:

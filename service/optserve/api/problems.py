@@ -141,11 +141,16 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first matching route's methods
+            from .openapi import allowed_methods
+
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.url.path))
         problem = Problem(
             _status_code(exc.status_code),
             str(exc.detail),
             status=exc.status_code,
-            headers=dict(exc.headers or {}),
+            headers=headers,
         )
         return problem.response(request.url.path)
 
