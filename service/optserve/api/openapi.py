@@ -194,8 +194,11 @@ def _name_request_models(op: dict[str, Any], schemas: dict[str, Any]) -> None:
             media["schema"] = {"$ref": _REF + title}
 
 
-def _error_statuses(name: str, path: str) -> list[int]:
+def _error_statuses(name: str, path: str, op: dict[str, Any]) -> list[int]:
     statuses = set(ERROR_STATUSES.get(name, ()))
+    if name not in ERROR_STATUSES:  # a route not in the table yet: what its shape implies
+        statuses |= {404} if "{session_id}" in path else set()
+        statuses |= set(_BODY) if "requestBody" in op else set()
     if path.startswith("/v1/"):
         named = {s for row in ERROR_STATUSES.values() for s in row} | set(_EVERY_V1)
         unnamed = {s for s, _ in PROBLEMS.values() if s not in named and s not in _ROUTING}
@@ -218,7 +221,7 @@ def _complete(name: str, path: str, op: dict[str, Any]) -> None:
     op["operationId"] = name
     responses = op["responses"]
     responses.pop("422", None)  # FastAPI's own validation error, never sent as documented
-    for status in _error_statuses(name, path):
+    for status in _error_statuses(name, path, op):
         responses[str(status)] = _problem_response(status)
     success = next(s for s in responses if s.startswith("2"))
     ok = responses[success]
