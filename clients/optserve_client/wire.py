@@ -127,7 +127,7 @@ def decode_safetensors(body: bytes | bytearray | memoryview
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise WireError(f"tensor {_q(name)}: entry needs exactly dtype, shape, data_offsets")
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if code not in _CODE_TO_NAME:
+        if not isinstance(code, str) or code not in _CODE_TO_NAME:
             raise WireError(f"tensor {_q(name)}: unknown safetensors dtype "
                             f"{clip(str(code))!r}")
         shape_t = check_shape(name, shape)
@@ -183,7 +183,7 @@ def _decode_json(body: bytes | bytearray | memoryview | str
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data"}:
             raise WireError(f"tensor {_q(name)}: needs exactly dtype, shape and data")
         dtype, data = info["dtype"], info["data"]
-        if dtype not in ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise WireError(f"tensor {_q(name)}: unknown dtype {clip(str(dtype))!r}")
         shape = check_shape(name, info["shape"])
         if not isinstance(data, list) or not all(

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, startup
-from .api import ops, problems, sessions, tensors
+from .api import openapi, ops, problems, sessions, tensors
 from .api.bodies import BodyBudget, BodyLimits
 from .engine import Engine
 from .metrics import BYTES_IN, BYTES_OUT, LATENCY, REQUESTS
@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimits, budget=app.state.body_budget,
                        timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware)
+    openapi.install(app)  # the document, completed from the contract (spec.PROBLEMS, headers)
     return app
 
 

@@ -214,6 +214,15 @@ def if_match_header(request: Request) -> IfMatch:
     return "*" if raw.strip() == "*" else parse_if_match(raw)
 
 
+def idempotency_key(request: Request) -> str | None:
+    """Idempotency-Key as sent; 422 unless 1-255 printable characters (as a step checks it)."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
+        raise DomainError("invalid_header", "Idempotency-Key must be 1-255 printable characters",
+                          header="Idempotency-Key")
+    return key
+
+
 def parse_version_header(value: str | None, header: str) -> int | None:
     if value is None:
         return None

@@ -20,6 +20,7 @@ from .deps import (
     SettingsDep,
     TenantDep,
     content_type,
+    idempotency_key,
     off_loop,
     read_body,
     request_digest,
@@ -123,7 +124,7 @@ def _load_json(raw: bytes | bytearray) -> Any:
 def _parse_json(raw: bytes | bytearray | Any, model: type[BaseModel]) -> Any:
     doc = _load_json(raw) if isinstance(raw, (bytes, bytearray)) else raw
     try:
-        return model.model_validate(doc)
+        return model.model_validate(doc, strict=True)  # JSON types as the schema says
     except ValidationError as exc:
         errors = [
             {"field": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]} for e in exc.errors()
@@ -167,7 +168,7 @@ async def create_session(request: Request, response: Response, tenant: TenantDep
         params=params, mode=body.mode, max_staleness=body.max_staleness,
         sync=body.sync.model_dump(exclude_unset=True) if body.sync is not None else None,
         name=body.name,
-        idempotency_key=request.headers.get("idempotency-key"),
+        idempotency_key=idempotency_key(request),
         request_digest=await request_digest(request, raw))
     response.headers["Location"] = f"/v1/sessions/{view.meta.id}"
     if view.replayed:
