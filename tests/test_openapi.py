@@ -150,7 +150,9 @@ def test_generated_client_drives_a_real_server(generated: Any, live_server: str)
     assert stepped.status_code == 200 and stepped.headers["X-Optserve-Version"] == "2"
     w = stepped.parsed.tensors["w"]
     assert w.shape == [2] and w.data == pytest.approx([0.9, -1.9], abs=1e-6)
-    replay = tensors_api.step.sync_detailed(sid, client=client, body=grad, idempotency_key=key)
+    # A retry is the same request (same body and headers; another one under the key: 422).
+    replay = tensors_api.step.sync_detailed(sid, client=client, body=grad, idempotency_key=key,
+                                            if_match='"1"')
     assert replay.headers["Idempotent-Replayed"] == "true"
     assert replay.headers["X-Optserve-Version"] == "2"
 
