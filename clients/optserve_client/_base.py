@@ -101,6 +101,27 @@ class BaseClient(RequestBuilder):
             return self
         return self.with_options(timeout=Timeout(self.timeout.connect, at_least))
 
+    # ------------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but what belongs to this process: the transport pickles as its settings
+        (a connection pool holds locks and sockets), sleep and jitter are looked up anew."""
+        state = self.__dict__.copy()
+        del state["_sleep"]
+        if state["_sleep_rng"] is random.random:  # else a copy of the global RNG's state
+            del state["_sleep_rng"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_sleep_rng", random.random)
+        self._sleep = self._sleep_in.sleep
+        self._owns_transport = True  # a fresh copy that no other client shares
+
+    def __copy__(self: C) -> C:
+        """A shallow copy shares the connection pool (and does not close it): `with_options`."""
+        return self.with_options()
+
     # ------------------------------------------------------------------ one call's tries
 
     def _prepare(self, call: Call[Any], idempotency_key: str | None) -> RawRequest:

@@ -69,10 +69,11 @@ class Urllib3Transport:
     hands each body part to ``sendall`` (a list body: the tensors' own memory, no join)
     and, for a response with a Content-Length, we ``readinto`` one uninitialised buffer:
     no chunk list, no join, no zero-fill, and the arrays decoded from it are writable.
-    Thread-safe.
+    Thread-safe. Pickles as its settings: the copy opens its own pool (for Ray, multiprocessing).
     """
 
     def __init__(self, *, max_connections: int = 32, **pool_kwargs: Any) -> None:
+        self._settings: dict[str, Any] = {"max_connections": max_connections, **pool_kwargs}
         # block=False: a burst beyond max_connections opens extra connections, not a queue
         self._pool = urllib3.PoolManager(num_pools=8, maxsize=max_connections, block=False,
                                          retries=False, **pool_kwargs)
@@ -114,6 +115,12 @@ class Urllib3Transport:
 
     def close(self) -> None:
         self._pool.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self._settings  # a pool (locks, sockets) does not pickle: rebuilt on load
+
+    def __setstate__(self, settings: dict[str, Any]) -> None:
+        self.__init__(**settings)  # type: ignore[misc]
 
 
 def _read_body(resp: Any, method: str) -> bytes | memoryview:

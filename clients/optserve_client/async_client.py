@@ -34,10 +34,12 @@ class AsyncTransport(Protocol):
 
 
 class ThreadedAsyncTransport:
-    """Runs a blocking `Transport` in its own thread pool."""
+    """Runs a blocking `Transport` in its own thread pool. Pickles as its settings and its
+    blocking transport; the copy starts its own threads."""
 
     def __init__(self, transport: Transport | None = None, *, max_connections: int = 32
                  ) -> None:
+        self._max_connections = max_connections
         self._transport = transport or Urllib3Transport(max_connections=max_connections)
         self._executor = ThreadPoolExecutor(max_workers=max_connections,
                                             thread_name_prefix="optserve-http")
@@ -50,6 +52,12 @@ class ThreadedAsyncTransport:
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._transport.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"transport": self._transport, "max_connections": self._max_connections}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
 
 
 class AsyncClient(BaseClient):

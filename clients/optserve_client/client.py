@@ -26,6 +26,9 @@ class Client(BaseClient):
     waits for its round, so give it more than the round's ``timeout_s``. ``transport`` is
     any object with ``send(RawRequest, Timeout) -> RawResponse`` and ``close()`` (tests
     inject faults there); the default is `Urllib3Transport`.
+
+    A client pickles (Ray tasks and actors, multiprocessing) and deep-copies: the copy keeps
+    the configuration and opens its own connections; a custom transport must pickle too.
     """
 
     _default_transport = Urllib3Transport
