@@ -70,11 +70,13 @@ def start_embedded_redis(settings: Settings) -> tuple[EmbeddedRedis | None, int]
     return embedded, 0
 
 
+# Not imported from optserve.metrics: importing that module fixes where values are kept.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 def metrics_dir() -> tuple[str, bool]:
     """Prometheus's multiprocess directory: ``PROMETHEUS_MULTIPROC_DIR`` if set (its old
     values wiped), else a private temporary one. Returns (path, whether it is ours)."""
-    from .metrics import MULTIPROC_ENV
-
     given = os.environ.get(MULTIPROC_ENV)
     if given:
         path = Path(given)
@@ -85,6 +87,13 @@ def metrics_dir() -> tuple[str, bool]:
     path = Path(tempfile.mkdtemp(prefix="optserve-metrics-"))
     os.environ[MULTIPROC_ENV] = str(path)
     return str(path), True
+
+
+def _drop_metrics_dir(directory: str, ours: bool) -> None:
+    if ours:
+        shutil.rmtree(directory, ignore_errors=True)
+        if os.environ.get(MULTIPROC_ENV) == directory:
+            del os.environ[MULTIPROC_ENV]
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -101,8 +110,7 @@ def serve(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         embedded, code = start_embedded_redis(settings)
         if embedded is None:
-            if ours:
-                shutil.rmtree(directory, ignore_errors=True)
+            _drop_metrics_dir(directory, ours)
             return code
         os.environ["OPTSERVE_REDIS_URL"] = embedded.url
         settings = Settings()
@@ -129,8 +137,7 @@ def serve(args: argparse.Namespace) -> int:
             metrics_server.shutdown()
         if embedded is not None:
             embedded.stop()
-        if ours:
-            shutil.rmtree(directory, ignore_errors=True)
+        _drop_metrics_dir(directory, ours)
     return 0
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from optserve_client.spec import ACCUMULATORS, STEP_KEY
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
-from . import optim
+from . import metrics, optim, tracing
 from .cache import Loaded, TensorCache, nbytes
 from .checks import (
     check_staleness,
@@ -253,6 +254,7 @@ class Engine:
         New ``hyperparams`` (validated) apply to this step and are committed with it, in the
         same transaction as its tensors and version."""
         sid = meta.id
+        started = time.perf_counter()
         new_meta = None
         if hyperparams is not None and dict(hyperparams) != dict(meta.hyperparams):
             new_meta = meta.replace(hyperparams=dict(hyperparams))
@@ -261,7 +263,11 @@ class Engine:
         loaded = await self.load(meta, version, txn)
         stale = self._momentum_switched_on(meta, new_meta, loaded)
         numel = sum(_numel(w) for w in grads.values())
-        touched, stats = await self._offload(self._apply, opt, hp, loaded, grads, numel=numel)
+        with tracing.span("optimizer.update", **{"optserve.optimizer": opt.name,
+                                                 "optserve.numel": numel}), \
+                metrics.timed(metrics.UPDATE_SECONDS.labels(opt.name).observe):
+            touched, stats = await self._offload(self._apply, opt, hp, loaded, grads,
+                                                 numel=numel)
         fields: dict[str, memoryview] = {}
         for name in touched:
             fields[keys.param_field(name)] = to_bytes(loaded.params[name])
@@ -282,6 +288,8 @@ class Engine:
         body = None
         if encode is not None:
             body = await self._offload(encode, loaded.params, numel=numel)
+        metrics.STEP_SECONDS.labels("sync" if meta.is_sync else "async").observe(
+            time.perf_counter() - started)
         # `loaded` was taken out of the cache for this step; it goes back after the send.
         return StepOutcome(new_version, body, stats=stats,
                            after_send=lambda: self.cache.put(sid, loaded))

@@ -79,11 +79,15 @@ CACHE_ENTRIES = Gauge("optserve_cache_entries", "Sessions held by the tensor cac
                       multiprocess_mode="livesum", registry=REGISTRY)
 
 
+_DIR = os.environ.get(MULTIPROC_ENV) or None  # the mode this process's values were made in
+
+
 def multiproc_dir() -> str | None:
-    return os.environ.get(MULTIPROC_ENV) or None
+    """The multiprocess directory this process's values live in (None: in memory)."""
+    return _DIR
 
 
-if multiproc_dir() is None:
+if _DIR is None:
     # One process: its own process metrics. Multiprocess: see `collectors.WorkerProcesses`.
     ProcessCollector(registry=REGISTRY)
 

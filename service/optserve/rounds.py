@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
+from . import metrics
 from .cache import Loaded
 from .checks import (
     check_finite_as_params,
@@ -146,6 +147,7 @@ class SyncRounds:
                 if head is not None and head.v != version:
                     # Left over from before the parameters were replaced: its waiters fail.
                     cmds += stored.fail_cmds(meta, head.token, head.v, head.n, "superseded")
+                    metrics.ROUNDS.labels("failed").inc()
                     head = None
                 if head is None:
                     head = RoundHead.open(version, meta.sync.timeout_s)
@@ -158,11 +160,16 @@ class SyncRounds:
                         await txn.finish()
                     elif head.n + 1 >= meta.sync.contributions:
                         self.notifier.forget(token, fut)  # the closer waits for nobody
+                        if head.new:  # a one-contribution round: opened and closed at once
+                            metrics.ROUNDS.labels("opened").inc()
                         return await self._close(txn, meta, version, token, encode,
-                                                 pending=(cid, mine), before=cmds, hp=hp)
+                                                 pending=(cid, mine), before=cmds, hp=hp,
+                                                 deadline=head.deadline)
                     else:
                         await txn.execute([*cmds, *stored.add_cmds(
                             meta, head, cid, mine, hp if head.hp is None else None)])
+                        if head.new:
+                            metrics.ROUNDS.labels("opened").inc()
                 except BaseException:
                     self.notifier.forget(token, fut)
                     raise
@@ -225,7 +232,8 @@ class SyncRounds:
                      encode: Encoder | None,
                      pending: tuple[str, Contribution] | None = None,
                      before: list[Any] | None = None,
-                     hp: Mapping[str, Any] | None = None) -> StepOutcome:
+                     hp: Mapping[str, Any] | None = None,
+                     deadline: float | None = None) -> StepOutcome:
         contributions = {} if before else await stored.read_contributions(txn, meta)
         if pending is not None:
             contributions[pending[0]] = pending[1]
@@ -237,9 +245,14 @@ class SyncRounds:
             return [*(before or []), *stored.close_cmds(meta, token, loaded.version, params)]
 
         try:
-            return await self.engine.step_locked(txn, meta, version, grads, None, encode,
-                                                 extra_idempotency_keys=idem_keys, extra=extra,
-                                                 hyperparams=hp)
+            outcome = await self.engine.step_locked(txn, meta, version, grads, None, encode,
+                                                    extra_idempotency_keys=idem_keys,
+                                                    extra=extra, hyperparams=hp)
+            metrics.ROUNDS.labels("closed").inc()
+            if deadline is not None and meta.sync is not None:  # opened = deadline - timeout
+                metrics.ROUND_SECONDS.observe(
+                    max(0.0, time.time() - deadline + meta.sync.timeout_s))
+            return outcome
         except Busy:
             raise
         except DomainError as exc:
@@ -248,6 +261,7 @@ class SyncRounds:
             if not txn.done:
                 await txn.execute([*(before or []), *stored.fail_cmds(
                     meta, token, version, len(contributions), exc.code)])
+                metrics.ROUNDS.labels("failed").inc()
             raise
 
     async def _settle(self, txn: StepTxn, meta: SessionMeta, version: int,
@@ -256,13 +270,15 @@ class SyncRounds:
         assert meta.sync is not None
         if head.n >= meta.sync.min_contributions:
             try:
-                return await self._close(txn, meta, version, head.token, encode, hp=head.hp)
+                return await self._close(txn, meta, version, head.token, encode, hp=head.hp,
+                                         deadline=head.deadline)
             except Busy:
                 raise
             except DomainError:  # a non-finite result fails the round
                 return None
         await txn.execute(stored.fail_cmds(meta, head.token, version, head.n,
                                            "too_few_contributions"))
+        metrics.ROUNDS.labels("failed").inc()
         return None
 
     async def _wait(self, meta: SessionMeta, token: str, deadline: float,
@@ -271,6 +287,7 @@ class SyncRounds:
         # However a round ends, its waiters end too: by its outcome, by settling it at its
         # deadline, or (the round vanished with no outcome: session deleted) a refusal.
         hard_stop = deadline + self.store.lock_timeout_s + 30
+        started = time.perf_counter()
         try:
             while True:
                 outcome = await stored.read_outcome(self.redis, sid, token)
@@ -292,6 +309,7 @@ class SyncRounds:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(fut), timeout=min(remaining, 1.0))
         finally:
+            metrics.ROUND_WAIT.observe(time.perf_counter() - started)
             self.notifier.forget(token, fut)
 
     async def _expire(self, meta: SessionMeta, token: str) -> str:

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from optserve_client.spec import status_of
 
+from .. import metrics
 from ..errors import DomainError
 from ..store.faults import classify
 
@@ -86,6 +87,7 @@ class Problem(Exception):
         return doc
 
     def response(self, instance: str | None = None) -> JSONResponse:
+        metrics.problem(self.code)
         return JSONResponse(
             self.body(instance),
             status_code=self.status,
@@ -125,6 +127,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError) -> JSONResponse:
+        if exc.code in ("store_full", "store_unavailable"):  # classified on the way up
+            metrics.store_error(exc.code)
         return Problem.of(exc).response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
@@ -155,6 +159,7 @@ def install(app: FastAPI) -> None:
 
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("state store unreachable: %s", exc)
+        metrics.store_error("store_unavailable")
         return store_unavailable(exc).response(request.url.path)
 
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -165,6 +170,7 @@ def install(app: FastAPI) -> None:
     async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
         """Redis out of memory, read-only, moved or down: a problem of its own, not a 500."""
         domain = classify(exc)
+        metrics.store_error(domain.code if domain is not None else "other")
         if domain is None:
             return await _unexpected(request, exc)
         log.warning("state store refused %s %s: %s", request.method, request.url.path, exc)
