@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("optserve")
 
+OPEN_TENANT = "default"  # the one tenant of a service with no API keys
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPTSERVE_", extra="ignore")

@@ -20,12 +20,12 @@ from ..errors import DomainError
 from ..rounds import SyncRounds
 from ..session import SessionMeta
 from ..sessions import Sessions
-from ..settings import Settings
+from ..settings import OPEN_TENANT, Settings
 from ..store.redis_store import Store
 from .negotiation import negotiate
 from .problems import Problem
 
-DEFAULT_TENANT = "default"
+DEFAULT_TENANT = OPEN_TENANT
 # A declared Content-Length is trusted for one up-front buffer only up to this size, so a
 # client cannot make the server zero-fill 512 MiB before sending a byte; larger bodies grow.
 _PREALLOCATE_MAX = 64 * 1024 * 1024

@@ -23,17 +23,15 @@ from prometheus_client import generate_latest as _generate
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .. import metrics
-from ..settings import Settings
+from ..settings import OPEN_TENANT, Settings
 from ..store import keys
-from .deps import DEFAULT_TENANT
 
 log = logging.getLogger("optserve")
 
 
 def tenants(settings: Settings) -> list[str]:
     """The bounded tenant label set: the configured tenants, or the open one."""
-    return sorted(set(settings.keys.values())) or [DEFAULT_TENANT]
+    return sorted(set(settings.keys.values())) or [OPEN_TENANT]
 
 
 class TenantUsage(Collector):
@@ -109,8 +107,12 @@ class WorkerProcesses(Collector):
 
 def registry(settings: Settings) -> CollectorRegistry:
     """What one scrape reports (see the module)."""
-    directory = metrics.multiproc_dir()
-    if directory is None:
+    # Read from the environment, not from optserve.metrics: the `optserve serve` supervisor
+    # serving the metrics port must not import it (it would show up as a worker).
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        from .. import metrics
+
         reg = CollectorRegistry()
         reg.register(_Forward(metrics.REGISTRY))
     else:
