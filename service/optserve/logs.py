@@ -93,6 +93,22 @@ class PlainFormatter(logging.Formatter):
         return f"{line} [{rid}]" if rid else line
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (a test's capture, say), not to the
+    stream that was current when logging was configured."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def log_format(settings: Settings) -> str:
     """`json` or `plain`: as set, else plain on a terminal and JSON otherwise."""
     if settings.log_format != "auto":
@@ -107,10 +123,12 @@ def _formatter_key(settings: Settings) -> str:
 def uvicorn_log_config(settings: Settings) -> dict[str, Any]:
     """A `logging.config.dictConfig` for uvicorn.run: its loggers and ours, one format.
 
+    One handler, on the root logger (as `logging.basicConfig` would put it): uvicorn's and
+    our loggers propagate to it at the configured level, other libraries' at WARNING.
     Uvicorn's access log is off: our middleware writes one line per request instead."""
     level = settings.log_level.upper()
-    handler = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
-               "formatter": _formatter_key(settings), "filters": ["context"]}
+    handler = {"()": "optserve.logs.StderrHandler", "formatter": _formatter_key(settings),
+               "filters": ["context"]}
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -118,12 +136,12 @@ def uvicorn_log_config(settings: Settings) -> dict[str, Any]:
         "formatters": {"json": {"()": "optserve.logs.JsonFormatter"},
                        "plain": {"()": "optserve.logs.PlainFormatter"}},
         "handlers": {"default": handler},
+        "root": {"handlers": ["default"], "level": "WARNING"},
         "loggers": {
-            "uvicorn": {"handlers": ["default"], "level": level, "propagate": False},
-            "uvicorn.error": {"level": level},
-            "uvicorn.access": {"handlers": ["default"], "level": "WARNING",
-                               "propagate": False},
-            "optserve": {"handlers": ["default"], "level": level, "propagate": False},
+            "uvicorn": {"handlers": [], "level": level, "propagate": True},
+            "uvicorn.error": {"handlers": [], "level": level, "propagate": True},
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": True},
+            "optserve": {"handlers": [], "level": level, "propagate": True},
         },
     }
 
