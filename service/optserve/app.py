@@ -1,20 +1,22 @@
-"""The ASGI application: routes, error handling, metrics and the lifespan-managed Redis client."""
+"""The ASGI application: routes, error handling, observability and the lifespan-managed Redis
+client."""
 
 from __future__ import annotations
 
+import inspect
 import logging
-import time
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, startup
+from . import __version__, logs, metrics, startup, tracing
 from .api import openapi, ops, problems, sessions, tensors
 from .api.bodies import BodyBudget, BodyLimits
+from .api.observability import ObservabilityMiddleware
 from .engine import Engine
-from .metrics import BYTES_IN, BYTES_OUT, LATENCY, REQUESTS
 from .rounds import SyncRounds
 from .sessions import Sessions
 from .settings import Settings
@@ -22,46 +24,6 @@ from .startup import load_settings
 from .store.redis_store import Store, make_redis
 
 log = logging.getLogger("optserve")
-
-
-class MetricsMiddleware:
-    """Counts, latency and body bytes per route template (plain ASGI: no per-request task)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = [500]
-        sent = [0]
-        received = [0]
-
-        async def counting_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                received[0] += len(message.get("body", b""))
-            return message
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            elif message["type"] == "http.response.body":
-                sent[0] += len(message.get("body", b""))
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, counting_send)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            method = scope.get("method", "")
-            REQUESTS.labels(method, path, str(status[0])).inc()
-            LATENCY.labels(method, path).observe(time.perf_counter() - start)
-            BYTES_IN.labels(path).inc(received[0])
-            BYTES_OUT.labels(path).inc(sent[0])
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -91,8 +53,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.sync_rounds.notifier.close()
             await redis.aclose()
             await redis.connection_pool.disconnect()  # a pool we passed in is ours to close
+            if metrics.multiproc_dir() is not None:  # its live gauges stop counting
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(os.getpid())
 
     app = FastAPI(
+        **_own_tracing(),
         title="optserve",
         version=__version__,
         summary="RMSprop, AdaGrad and SGD as a service, exactly as torch.optim computes them.",
@@ -105,12 +72,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.body_budget = BodyBudget(settings.max_inflight_body_bytes)
     app.add_middleware(BodyLimits, budget=app.state.body_budget,
                        timeout_s=settings.body_timeout_s)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(ObservabilityMiddleware, settings=settings)
     openapi.install(app)  # the document, completed from the contract (spec.PROBLEMS, headers)
     return app
 
 
+def _own_tracing() -> dict[str, Any]:
+    """FastAPI >= 0.165 makes server spans of its own when a tracer provider is set; ours
+    (api/observability.py, on any FastAPI) carry the request id and route, so theirs are off."""
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        return {"telemetry": {"tracing": False}}
+    return {}
+
+
 def app_factory() -> FastAPI:
     """For `uvicorn optserve.app:app_factory --factory` (settings from the environment; an
-    invalid one is a ConfigError naming its variable)."""
-    return create_app(load_settings())
+    invalid one is a ConfigError naming its variable): also this process's log format and,
+    when ``OTEL_*`` asks for it, its tracer provider."""
+    settings = load_settings()
+    logs.configure(settings)
+    tracing.setup()
+    return create_app(settings)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import metrics
+
 
 @dataclass
 class Loaded:
@@ -49,18 +51,24 @@ class TensorCache:
                 return
             self._items[sid] = item
             self._bytes += item.nbytes
+            metrics.CACHE_BYTES.inc(item.nbytes)
+            metrics.CACHE_ENTRIES.inc()
             while self._bytes > self.limit and self._items:
                 oldest = next(iter(self._items))
                 self._remove(oldest)
+                metrics.CACHE.labels("evicted").inc()
 
     def take(self, sid: str, version: int, nonce: str | None) -> Loaded | None:
         """Remove and return the entry: the caller owns those tensors until it puts them back."""
         with self._mutex:
             item = self._items.get(sid)
             if item is None:
+                metrics.CACHE.labels("miss").inc()
                 return None
             self._remove(sid)
-            return item if (item.version, item.nonce) == (version, nonce) else None
+            hit = (item.version, item.nonce) == (version, nonce)
+            metrics.CACHE.labels("hit" if hit else "miss").inc()
+            return item if hit else None
 
     def drop(self, sid: str) -> None:
         with self._mutex:
@@ -70,3 +78,5 @@ class TensorCache:
         item = self._items.pop(sid, None)
         if item is not None:
             self._bytes -= item.nbytes
+            metrics.CACHE_BYTES.dec(item.nbytes)
+            metrics.CACHE_ENTRIES.dec()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .startup import ConfigError, check, load_settings
@@ -68,8 +71,36 @@ def start_embedded_redis(settings: Settings) -> tuple[EmbeddedRedis | None, int]
     return embedded, 0
 
 
+# Not imported from optserve.metrics: importing that module fixes where values are kept.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def metrics_dir() -> tuple[str, bool]:
+    """Prometheus's multiprocess directory: ``PROMETHEUS_MULTIPROC_DIR`` if set (its old
+    values wiped), else a private temporary one. Returns (path, whether it is ours)."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for old in path.glob("*.db"):  # a previous run's values are not this run's
+            old.unlink()
+        return str(path), False
+    path = Path(tempfile.mkdtemp(prefix="optserve-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(path)
+    return str(path), True
+
+
+def _drop_metrics_dir(directory: str, ours: bool) -> None:
+    if ours:
+        shutil.rmtree(directory, ignore_errors=True)
+        if os.environ.get(MULTIPROC_ENV) == directory:
+            del os.environ[MULTIPROC_ENV]
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+
+    from . import logs
 
     try:
         settings = load_settings()
@@ -77,27 +108,42 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"optserve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings)
+    # Before anything imports optserve.metrics: every worker writes to this directory and
+    # any worker's /metrics reads them all.
+    directory, ours = metrics_dir()
     embedded: EmbeddedRedis | None = None
     if not settings.redis_url:
         embedded, code = start_embedded_redis(settings)
         if embedded is None:
+            _drop_metrics_dir(directory, ours)
             return code
         os.environ["OPTSERVE_REDIS_URL"] = embedded.url
+        settings = Settings()
+    host = args.host or settings.host
+    metrics_server = None
     try:
+        if settings.metrics_port is not None:
+            from .api.scrape import serve_metrics_port
+
+            metrics_server = serve_metrics_port(settings, host)
         uvicorn.run(
             "optserve.app:app_factory",
             factory=True,
-            host=args.host or settings.host,
+            host=host,
             port=args.port or settings.port,
             workers=args.workers or settings.workers,
             log_level=settings.log_level,
+            log_config=logs.uvicorn_log_config(settings),
+            access_log=False,  # the app logs one line per request, with its request id
             proxy_headers=True,
         )
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         if embedded is not None:
             embedded.stop()
+        _drop_metrics_dir(directory, ours)
     return 0
 
 

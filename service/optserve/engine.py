@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,7 +25,7 @@ import torch
 from optserve_client.spec import ACCUMULATORS, STEP_KEY
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
-from . import optim
+from . import metrics, optim, tracing
 from .cache import Loaded, TensorCache, nbytes
 from .checks import (
     check_same_request,
@@ -56,6 +57,10 @@ class StepOutcome:
     # Called once the response is sent: gives the step's tensors back to the cache (the
     # body may point into them, so no other step may touch them before).
     after_send: Callable[[], None] | None = None
+
+
+def _numel(t: WireTensor | torch.Tensor) -> int:
+    return t.numel() if isinstance(t, torch.Tensor) else t.numel
 
 
 def _nbytes(t: WireTensor | torch.Tensor) -> int:
@@ -277,6 +282,7 @@ class Engine:
         New ``hyperparams`` (validated) apply to this step and are committed with it, in the
         same transaction as its tensors and version."""
         sid = meta.id
+        started = time.perf_counter()
         new_meta = None
         if hyperparams is not None and dict(hyperparams) != dict(meta.hyperparams):
             new_meta = meta.replace(hyperparams=dict(hyperparams))
@@ -284,9 +290,13 @@ class Engine:
         hp = opt.hyperparams.model_validate((new_meta or meta).hyperparams)
         loaded = await self.load(meta, version, txn)
         stale = self._momentum_switched_on(meta, new_meta, loaded)
-        fields, stats = await self.offload(self._apply_and_pack, opt, hp, loaded, grads,
-                                           count=len(grads),
-                                           nbytes=lambda: sum(map(_nbytes, grads.values())))
+        numel = sum(_numel(w) for w in grads.values())
+        with tracing.span("optimizer.update", **{"optserve.optimizer": opt.name,
+                                                 "optserve.numel": numel}), \
+                metrics.timed(metrics.UPDATE_SECONDS.labels(opt.name).observe):
+            fields, stats = await self.offload(
+                self._apply_and_pack, opt, hp, loaded, grads, count=len(grads),
+                nbytes=lambda: sum(map(_nbytes, grads.values())))
         new_version = version + 1
         more = [txn.remember(k, new_version, d) for k, d in extra_idempotency_keys]
         loaded.version = new_version
@@ -303,6 +313,8 @@ class Engine:
         if encode is not None:
             body = await self.offload(encode, loaded.params, count=len(loaded.params),
                                       nbytes=lambda: sum(map(nbytes, loaded.params.values())))
+        metrics.STEP_SECONDS.labels("sync" if meta.is_sync else "async").observe(
+            time.perf_counter() - started)
         # `loaded` was taken out of the cache for this step; it goes back after the send.
         return StepOutcome(new_version, body, stats=stats,
                            after_send=lambda: self.cache.put(sid, loaded))

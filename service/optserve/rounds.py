@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
+from . import metrics
 from .cache import Loaded
 from .checks import (
     check_finite_as_params,
@@ -153,6 +154,7 @@ class SyncRounds:
                     # Left over from before the parameters were replaced: its waiters fail.
                     cmds += stored.fail_cmds(meta, head.token, head.v, head.n, "superseded",
                                              head)
+                    metrics.ROUNDS.labels("failed").inc()
                     head = None
                 if head is None:
                     head = RoundHead.open(version, meta.sync)
@@ -166,12 +168,16 @@ class SyncRounds:
                         check_same_request(head.mine_digest, request_digest)
                     elif head.rule.full(head.n + 1, head.weight + weight):
                         self.notifier.forget(token, fut)  # the closer waits for nobody
+                        if head.new:  # a one-contribution round: opened and closed at once
+                            metrics.ROUNDS.labels("opened").inc()
                         return await self._close(txn, meta, version, token, encode,
                                                  pending=(cid, mine), before=cmds, hp=hp,
                                                  head=head)
                     else:
                         await txn.execute([*cmds, *stored.add_cmds(
                             meta, head, cid, mine, hp if head.hp is None else None)])
+                        if head.new:
+                            metrics.ROUNDS.labels("opened").inc()
                 except BaseException:
                     self.notifier.forget(token, fut)
                     raise
@@ -247,9 +253,14 @@ class SyncRounds:
             return [*(before or []), *stored.close_cmds(meta, token, loaded.version, params)]
 
         try:
-            return await self.engine.step_locked(txn, meta, version, grads, None, encode,
-                                                 extra_idempotency_keys=idem_keys, extra=extra,
-                                                 hyperparams=hp)
+            outcome = await self.engine.step_locked(txn, meta, version, grads, None, encode,
+                                                    extra_idempotency_keys=idem_keys,
+                                                    extra=extra, hyperparams=hp)
+            metrics.ROUNDS.labels("closed").inc()
+            if head is not None:  # opened = deadline - the round's timeout
+                metrics.ROUND_SECONDS.observe(
+                    max(0.0, time.time() - head.deadline + head.rule.timeout_s))
+            return outcome
         except Busy:
             raise
         except DomainError as exc:
@@ -258,6 +269,7 @@ class SyncRounds:
             if not txn.done:
                 await txn.execute([*(before or []), *stored.fail_cmds(
                     meta, token, version, len(contributions), exc.code, head)])
+                metrics.ROUNDS.labels("failed").inc()
             raise
 
     async def _settle(self, txn: StepTxn, meta: SessionMeta, version: int,
@@ -273,6 +285,7 @@ class SyncRounds:
                 return None
         await txn.execute(stored.fail_cmds(meta, head.token, version, head.n,
                                            "too_few_contributions", head))
+        metrics.ROUNDS.labels("failed").inc()
         return None
 
     async def _wait(self, meta: SessionMeta, token: str, deadline: float,
@@ -281,6 +294,7 @@ class SyncRounds:
         # However a round ends, its waiters end too: by its outcome, by settling it at its
         # deadline, or (the round vanished with no outcome: session deleted) a refusal.
         hard_stop = deadline + self.store.lock_timeout_s + 30
+        started = time.perf_counter()
         try:
             while True:
                 outcome = await stored.read_outcome(self.redis, sid, token)
@@ -302,6 +316,7 @@ class SyncRounds:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(fut), timeout=min(remaining, 1.0))
         finally:
+            metrics.ROUND_WAIT.observe(time.perf_counter() - started)
             self.notifier.forget(token, fut)
 
     async def _expire(self, meta: SessionMeta, token: str) -> str:

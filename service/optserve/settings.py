@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("optserve")
 
+OPEN_TENANT = "default"  # the one tenant of a service with no API keys
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPTSERVE_", extra="ignore")
@@ -37,6 +39,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(512 * 1024 * 1024, gt=0)
     idempotency_ttl_s: int = Field(86400, gt=0)
     log_level: str = "info"
+    log_format: Literal["auto", "json", "plain"] = Field(
+        "auto", description="Log lines: json, plain, or auto (plain on a terminal, else json)."
+    )
+    metrics_key: str | None = Field(
+        None, description="Bearer token /metrics requires; unset: /metrics is open."
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve /metrics on this port only (from the "
+        "`optserve serve` process), not on the API's port."
+    )
     api_keys: str | None = Field(None, description="Comma-separated tenant:key pairs.")
     api_keys_file: Path | None = Field(None, description="One `tenant key` per line.")
     cache_bytes: int = Field(1024 * 1024 * 1024, ge=0, description="Per-process tensor cache.")

@@ -23,12 +23,12 @@ from ..errors import DomainError
 from ..rounds import SyncRounds
 from ..session import SessionMeta
 from ..sessions import Sessions
-from ..settings import Settings
+from ..settings import OPEN_TENANT, Settings
 from ..store.redis_store import Store
 from .negotiation import negotiate
 from .problems import Problem
 
-DEFAULT_TENANT = "default"
+DEFAULT_TENANT = OPEN_TENANT
 T = TypeVar("T")
 _ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,18})"?\s*$')
 

@@ -1,13 +1,15 @@
-"""Operations endpoints: liveness, readiness, metrics. They need no API key."""
+"""Operations endpoints: liveness, readiness, metrics. They need no API key (metrics may
+need the metrics key)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import anyio
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..errors import DomainError
-from ..metrics import REGISTRY
-from .deps import StoreDep
+from . import scrape
+from .deps import SettingsDep, StoreDep
 from .problems import Problem, store_unavailable
 
 router = APIRouter(tags=["operations"])
@@ -32,8 +34,16 @@ async def readyz(store: StoreDep) -> dict[str, str]:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request, settings: SettingsDep) -> Response:
+    """All workers' metrics (see api/scrape.py); behind OPTSERVE_METRICS_KEY when it is set,
+    and not here at all when OPTSERVE_METRICS_PORT serves them."""
+    if settings.metrics_port is not None:
+        raise Problem("not_found", "metrics are served on OPTSERVE_METRICS_PORT")
+    if not scrape.authorized(settings, request.headers.get("authorization")):
+        raise Problem("unauthorized", "/metrics needs `Authorization: Bearer "
+                      "<OPTSERVE_METRICS_KEY>`", headers={"WWW-Authenticate": "Bearer"})
+    body = await anyio.to_thread.run_sync(scrape.generate, settings)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 __all__ = ["Problem", "router"]

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from optserve_client.spec import status_of
 from optserve_client.wire import ECHO_CHARS, clip
 
+from .. import metrics
 from ..errors import DomainError
 from ..store.faults import classify
 
@@ -96,6 +97,7 @@ class Problem(Exception):
         return doc
 
     def response(self, instance: str | None = None) -> JSONResponse:
+        metrics.problem(self.code)
         return JSONResponse(
             self.body(instance),
             status_code=self.status,
@@ -192,6 +194,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError) -> JSONResponse:
+        if exc.code in ("store_full", "store_unavailable"):  # classified on the way up
+            metrics.store_error(exc.code)
         return Problem.of(exc).response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
@@ -231,11 +235,13 @@ def install(app: FastAPI) -> None:
 
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("state store unreachable: %s", exc)
+        metrics.store_error("store_unavailable")
         return store_unavailable(exc).response(request.url.path)
 
     async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
         """Redis out of memory, read-only, moved or down: a problem of its own, not a 500."""
         domain = classify(exc)
+        metrics.store_error(domain.code if domain is not None else "other")
         if domain is None:
             raise exc  # a bug: the ErrorBoundary logs it once and answers 500
         log.warning("state store refused %s %s: %s", request.method, request.url.path, exc)

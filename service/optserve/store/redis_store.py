@@ -19,6 +19,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
+from .. import metrics, tracing
 from ..errors import SessionBusy, StoreConflict
 from ..session import SessionHead, SessionMeta
 from . import keys, quotas
@@ -155,6 +156,7 @@ class Store:
             if deleted != -1:
                 break
             if time.monotonic() > deadline:
+                metrics.SESSION_BUSY.labels("lock").inc()
                 raise SessionBusy(f"session {sid} stayed locked for {wait_s} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.002)
@@ -235,14 +237,17 @@ class StepTxn:
     async def _batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send commands together, read every reply (errors returned, not raised)."""
         conn = self.conn
+        op = str(commands[0][0]) if commands else "-"
         try:
-            await conn.send_packed_command(conn.pack_commands(commands))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
+            with tracing.redis_span(commands), \
+                    metrics.timed(metrics.STORE_LATENCY.labels(op).observe):
+                await conn.send_packed_command(conn.pack_commands(commands))
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
             return replies
         except BaseException:
             await conn.disconnect()
@@ -253,6 +258,7 @@ class StepTxn:
         ttl_ms = int(store.lock_timeout_s * 1000)
         deadline = time.monotonic() + store.lock_timeout_s
         delay = 0.0005
+        started = time.perf_counter()
         while True:
             got, _, raw_meta, head = await self._batch([
                 ("SET", keys.lock(sid), self.token, "NX", "PX", ttl_ms),
@@ -268,10 +274,12 @@ class StepTxn:
                 break
             await self._batch([("UNWATCH",)])
             if time.monotonic() > deadline:
+                metrics.SESSION_BUSY.labels("lock").inc()
                 raise SessionBusy(f"session {sid} stayed locked for {store.lock_timeout_s} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.002)  # lock holders are quick: poll often, briefly
         self.locked = True
+        metrics.LOCK_WAIT.observe(time.perf_counter() - started)
         self.meta = SessionMeta.from_json(raw_meta) if raw_meta else None
         raw_v, raw_nonce = head
         self.version = int(raw_v) if raw_v is not None else None
@@ -347,6 +355,7 @@ class StepTxn:
                 raise cause from exec_reply
             raise classify(exec_reply) or exec_reply
         if exec_reply is None:
+            metrics.SESSION_BUSY.labels("conflict").inc()
             raise StoreConflict(f"session {sid} changed during the step (its lock expired)")
         return list(exec_reply)
 
