@@ -97,6 +97,11 @@ class Engine:
         self.settings = settings
         self.device = settings.torch_device()
         self.kernel: optim.KernelName = settings.kernel
+        if self.kernel == "compiled":  # learn now, in the background, whether compiling works
+            from .optim import fused
+
+            threading.Thread(target=fused.probe, args=(self.device,), name="optserve-probe",
+                             daemon=True).start()
         self.cache = TensorCache(settings.cache_bytes)
         self._warmed: set[tuple[Any, ...]] = set()
 

@@ -86,12 +86,39 @@ def _build(opt: OptimizerDef, hp: Any, key: _KernelKey) -> Kernel:
     return kernel
 
 
+_UNAVAILABLE: dict[str, str] = {}
+"""device type -> why compiling does not work there (found by :func:`probe`)."""
+
+
+def probe(device: torch.device | str = "cpu") -> str | None:
+    """Compile one small kernel, to learn at start-up (in the background) rather than on a
+    user's first step whether ``torch.compile`` works here (a missing C++ compiler takes
+    seconds to fail). Returns why not, or None; once it failed, steps go exact at once."""
+    from .core import get_optimizer
+
+    opt = get_optimizer("rmsprop")
+    hp = opt.hyperparams()
+    dev = torch.device(device)
+    try:
+        _build(opt, hp, _key(opt, hp, torch.float32, dev))
+    except Exception as exc:  # any failure of the compiler stack: the exact path serves
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        _UNAVAILABLE[dev.type] = reason
+        log.error("OPTSERVE_KERNEL=compiled, but torch.compile does not work on %s here (%s); "
+                  "every step takes the exact path", dev.type, reason)
+        return reason
+    log.info("OPTSERVE_KERNEL=compiled: torch.compile works on %s", dev.type)
+    return None
+
+
 def get_kernel(opt: OptimizerDef, hp: Any, dtype: torch.dtype,
                device: torch.device) -> Kernel | None:
     """The compiled kernel for these hyperparameters' flags, or None (exact path)."""
     key = _key(opt, hp, dtype, device)
     if key in _KERNELS:
         return _KERNELS[key]
+    if device.type in _UNAVAILABLE:
+        return None
     with _LOCK:
         if key in _KERNELS:
             return _KERNELS[key]
@@ -142,6 +169,7 @@ def run(opt: OptimizerDef, kernel: Kernel, param: Tensor, grad: Tensor, st: Para
 
 
 def reset() -> None:
-    """Forget compiled kernels (tests)."""
+    """Forget compiled kernels and probe results (tests)."""
+    _UNAVAILABLE.clear()
     with _LOCK:
         _KERNELS.clear()
