@@ -21,7 +21,8 @@ from .rounds import SyncRounds
 from .sessions import Sessions
 from .settings import Settings
 from .startup import load_settings
-from .store.redis_store import Store, make_redis
+from .store.clients import close_client, make_client
+from .store.redis_store import Store
 
 log = logging.getLogger("optserve")
 
@@ -38,10 +39,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.keys:
             log.warning("no API keys configured (OPTSERVE_API_KEYS): the service is OPEN, "
                         "single-tenant, to anyone who can reach it")
-        redis = make_redis(settings.redis_url, settings.redis_timeout_s,
-                           settings.redis_max_connections)
+        redis = await make_client(settings)  # one server, a cluster, or Sentinel's primary
         store = Store(redis, idempotency_ttl_s=settings.idempotency_ttl_s,
-                      lock_timeout_s=settings.lock_timeout_s)
+                      lock_timeout_s=settings.lock_timeout_s,
+                      min_replicas_ack=settings.redis_min_replicas_ack,
+                      wait_timeout_s=settings.redis_wait_timeout_s,
+                      pool_timeout_s=settings.redis_timeout_s)
         app.state.settings = settings
         app.state.store = store
         app.state.engine = Engine(store, settings)
@@ -51,8 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await app.state.sync_rounds.notifier.close()
-            await redis.aclose()
-            await redis.connection_pool.disconnect()  # a pool we passed in is ours to close
+            await close_client(redis)
             if metrics.multiproc_dir() is not None:  # its live gauges stop counting
                 from prometheus_client import multiprocess
 

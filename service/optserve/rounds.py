@@ -42,6 +42,7 @@ from .errors import Busy, DomainError
 from .session import SessionMeta
 from .store import keys
 from .store import rounds as stored
+from .store.clients import pubsub_client
 from .store.redis_store import StepTxn
 from .store.rounds import Contribution, RoundHead
 from .tensors import DTYPES, from_bytes, to_bytes
@@ -102,7 +103,7 @@ class SyncRounds:
         self.engine = engine
         self.store = engine.store
         self.redis = engine.store.redis
-        self.notifier = RoundNotifier(self.redis)
+        self.notifier = RoundNotifier(pubsub_client(self.redis))
 
     async def contribute(self, meta: SessionMeta, grads: dict[str, WireTensor], *,
                          idempotency_key: str | None, base_version: int | None,

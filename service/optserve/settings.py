@@ -23,6 +23,24 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis to keep state in; unset: `optserve serve` starts its own."
     )
+    redis_cluster_nodes: str | None = Field(
+        None, description="host:port,... of Redis Cluster nodes (a URL naming a cluster node "
+        "is detected too)."
+    )
+    redis_sentinels: str | None = Field(
+        None, description="host:port,... of Redis Sentinels; the primary they name is used."
+    )
+    redis_sentinel_master: str | None = Field(None, description="The Sentinels' master name.")
+    redis_sentinel_password: str | None = Field(None, description="The Sentinels' password.")
+    redis_password: str | None = Field(
+        None, description="The data nodes' password (or put it in OPTSERVE_REDIS_URL)."
+    )
+    redis_min_replicas_ack: int = Field(
+        0, ge=0, description="Replicas that must hold a write (WAIT) before it is answered."
+    )
+    redis_wait_timeout_s: float = Field(
+        1.0, gt=0, description="How long a write waits for those replicas (then 503)."
+    )
     data_dir: Path = Field(Path(".optserve-data"), description="The embedded Redis's files.")
     redis_server: str | None = Field(
         None, description="The redis-server `optserve serve` runs (unset: the newest found)."

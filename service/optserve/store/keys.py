@@ -21,6 +21,11 @@ def idempotency(sid: str, key: str) -> str:
     return f"{PREFIX}:{{s:{sid}}}:idem:{key}"
 
 
+def idempotency_set(sid: str) -> str:
+    """The names of the session's idempotency records (for deleting them without a scan)."""
+    return f"{PREFIX}:{{s:{sid}}}:idems"
+
+
 def round_(sid: str) -> str:
     """The open sync round: its token, version, deadline and contributions."""
     return f"{PREFIX}:{{s:{sid}}}:round"

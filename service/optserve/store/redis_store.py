@@ -8,45 +8,25 @@ with one MULTI/EXEC guarded by WATCH on that hash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError
 
-from .. import metrics, tracing
-from ..errors import SessionBusy, StoreConflict
+from .. import metrics
+from ..errors import DomainError, SessionBusy, StoreConflict, StoreUnavailable
 from ..session import SessionHead, SessionMeta
 from . import keys, quotas
+from .clients import Client, is_cluster, make_redis, refresh_slots, slot_connection
 from .faults import classify, first_refusal, raise_classified
+from .step_txn import Buffer, StepTxn, idempotency_record, now, run_batch
 
-Buffer = bytes | bytearray | memoryview
-
-__all__ = ["SessionBusy", "StepTxn", "Store", "StoreConflict", "make_redis"]
-
-
-def make_redis(url: str, timeout_s: float, max_connections: int = 512) -> Redis:
-    """A pooled asyncio client; redis-py's Python packer sends large values without copying.
-
-    The pool blocks (up to `timeout_s`) when all its connections are busy, rather than
-    failing at once: a burst of parallel steps waits its turn instead of getting 503s.
-    """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=30,
-        retry_on_timeout=False,
-        decode_responses=False,
-    )
-    return Redis(connection_pool=pool)
+__all__ = ["Buffer", "SessionBusy", "StepTxn", "Store", "StoreConflict", "idempotency_record",
+           "make_redis", "now", "run_batch"]
 
 
 def _head(values: Sequence[Any]) -> SessionHead:
@@ -54,24 +34,17 @@ def _head(values: Sequence[Any]) -> SessionHead:
                                     for f, v in zip(keys.HEAD_FIELDS, values, strict=True)})
 
 
-def idempotency_record(version: int, digest: str | None = None) -> str:
-    """What an idempotency key remembers of the step it made: the version it produced, and
-    the digest of the request (a reuse with another request is refused, not replayed)."""
-    record: dict[str, Any] = {"version": version}
-    if digest is not None:
-        record["digest"] = digest
-    return json.dumps(record)
-
-
-def now() -> float:
-    return time.time()
-
-
 class Store:
-    def __init__(self, redis: Redis, *, idempotency_ttl_s: int, lock_timeout_s: float) -> None:
+    def __init__(self, redis: Client, *, idempotency_ttl_s: int, lock_timeout_s: float,
+                 min_replicas_ack: int = 0, wait_timeout_s: float = 1.0,
+                 pool_timeout_s: float = 5.0) -> None:
         self.redis = redis
         self.idempotency_ttl_s = idempotency_ttl_s
         self.lock_timeout_s = lock_timeout_s
+        self.min_replicas_ack = min_replicas_ack
+        self.wait_timeout_s = wait_timeout_s
+        self.pool_timeout_s = pool_timeout_s
+        self.cluster = is_cluster(redis)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -79,25 +52,75 @@ class Store:
     async def check_writable(self) -> None:
         """Raise unless Redis takes a write now: one tiny SET with a TTL, which Redis refuses
         exactly when a session write would be refused (OOM, a read-only replica, a cluster
-        slot moved or down, still loading), at the cost of one round trip."""
+        slot moved or down, still loading), at the cost of one round trip. On a cluster,
+        also ``cluster_state:ok`` and every primary answering (a lost shard is not ready)."""
         try:
+            if self.cluster:
+                info = await self.redis.cluster_info()
+                state = info.get("cluster_state")
+                state = state.decode() if isinstance(state, bytes) else state
+                if state != "ok":
+                    raise StoreUnavailable(f"cluster_state:{state}")
+                await self.redis.ping(target_nodes=self.redis.PRIMARIES)
             await self.redis.set(keys.HEALTH, "1", px=10_000)
         except Exception as exc:
+            if self.cluster:
+                await refresh_slots(self.redis)
             raise_classified(exc)
+
+    def _wait_cmds(self) -> list[tuple[Any, ...]]:
+        """``WAIT n ms`` when steps must reach `min_replicas_ack` replicas before answering."""
+        n = self.min_replicas_ack
+        return [("WAIT", n, int(self.wait_timeout_s * 1000))] if n else []
+
+    def _check_acked(self, reply: Any) -> None:
+        if isinstance(reply, Exception) or int(reply) < self.min_replicas_ack:
+            raise DomainError(
+                "store_unavailable", f"the write reached the primary but only {reply} of "
+                f"{self.min_replicas_ack} replicas confirmed it within {self.wait_timeout_s} s:"
+                " it may or may not survive a failover; retry with the same Idempotency-Key "
+                "(a retry of a step that did land answers with the version it made)",
+                retry_after=1)
 
     # ------------------------------------------------------------------ documents
 
     async def create(self, meta: SessionMeta, fields: Mapping[str, Buffer] | None) -> None:
-        sid = meta.id
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.meta(sid), meta.to_json())
-            head = {keys.UPDATED: repr(meta.created_at)}
-            if fields is not None:
-                head[keys.VERSION] = "0"
-            pipe.hset(keys.tensors(sid), mapping={**head, **(fields or {})})
-            await pipe.execute()
-        # The tenant index lives in another slot; it is only an index, filtered on read.
-        await self.redis.sadd(keys.tenant_sessions(meta.tenant or ""), sid)
+        """The tenant index first (its own slot; idempotent, filtered on read), then the
+        session's keys in one MULTI on its slot: a create that fails leaves no session
+        that listing cannot see."""
+        sid, tenant = meta.id, meta.tenant or ""
+        await self.redis.sadd(keys.tenant_sessions(tenant), sid)
+        head: list[Any] = [keys.UPDATED, repr(meta.created_at)]
+        if fields is not None:
+            head += [keys.VERSION, "0"]
+        for name, value in (fields or {}).items():
+            head += [name, value]
+        cmds = [("MULTI",), ("SET", keys.meta(sid), meta.to_json()),
+                ("HSET", keys.tensors(sid), *head), ("EXEC",), *self._wait_cmds()]
+        try:
+            replies = await self._on_slot(keys.tensors(sid), cmds)
+            exec_reply = replies[3]
+            if isinstance(exec_reply, Exception):
+                cause = first_refusal(replies[1:3])
+                raise cause or classify(exec_reply) or exec_reply
+            if len(replies) > 4:
+                self._check_acked(replies[4])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.redis.srem(keys.tenant_sessions(tenant), sid)
+            raise
+
+    async def _on_slot(self, key: str, cmds: Sequence[Sequence[Any]]) -> list[Any]:
+        """One batch on a connection to `key`'s primary (MOVED: the slot map re-read)."""
+        try:
+            async with slot_connection(self.redis, key, self.pool_timeout_s) as conn:
+                replies = await run_batch(conn, cmds)
+        except Exception:
+            await refresh_slots(self.redis)
+            raise
+        if any(isinstance(r, AskError) for r in replies):
+            await refresh_slots(self.redis)
+        return replies
 
     async def claim_create(self, tenant: str, key: str, sid: str, ttl_s: int,
                            digest: str | None = None) -> tuple[str, str | None]:
@@ -129,9 +152,14 @@ class Store:
         return [_head(row) for row in rows]
 
     async def get_metas(self, sids: list[str]) -> list[SessionMeta | None]:
+        """One GET per session, pipelined (grouped by node on a cluster: no MGET there,
+        the sessions' keys live in different slots)."""
         if not sids:
             return []
-        raws = await self.redis.mget([keys.meta(s) for s in sids])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.get(keys.meta(sid))
+            raws = await pipe.execute()
         return [SessionMeta.from_json(r) if r else None for r in raws]
 
     async def list_ids(self, tenant: str) -> list[str]:
@@ -162,9 +190,13 @@ class Store:
             delay = min(delay * 2, 0.002)
         await self.redis.srem(keys.tenant_sessions(tenant), sid)
         await quotas.release(self.redis.execute_command, tenant, sid)
-        # Idempotency records expire by themselves; drop them now anyway.
-        async for key in self.redis.scan_iter(match=keys.idempotency(sid, "*"), count=1000):
-            await self.redis.delete(key)
+        # Idempotency records expire by themselves; drop them now anyway, found through
+        # the set of them kept in the session's slot (no scan of the keyspace).
+        iset = keys.idempotency_set(sid)
+        records = list(await self.redis.smembers(iset))
+        for i in range(0, len(records), 500):
+            await self.redis.delete(*records[i:i + 500])
+        await self.redis.delete(iset)
         return bool(deleted)
 
     # ------------------------------------------------------------------ tensors
@@ -187,22 +219,40 @@ class Store:
 
     @asynccontextmanager
     async def step_txn(self, sid: str) -> AsyncIterator[StepTxn]:
-        """The step's whole Redis conversation in two round trips, on one pooled connection.
+        """The step's whole Redis conversation in two round trips, on one connection to the
+        primary that owns the session's slot.
 
         Round trip 1: take the session lock (SET NX PX with a random token), WATCH the tensor
         hash, read the document and the version. Round trip 2: MULTI, the writes, EXEC (aborted
         by Redis if anything touched the hash since the WATCH), and the lock's release. The
-        version seen under the lock is re-checked by the WATCH at commit time.
+        version seen under the lock is re-checked by the WATCH at commit time. On a cluster,
+        a MOVED/ASK answer to round trip 1 re-reads the slot map and starts over once.
         """
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()
-        txn = StepTxn(self, sid, conn)
-        try:
-            await txn.begin()
-            yield txn
-        finally:
-            await txn.abort()  # a no-op after a commit
-            await pool.release(conn)
+        async with contextlib.AsyncExitStack() as stack:
+            for attempt in (0, 1):
+                conns = contextlib.AsyncExitStack()
+                conn = await conns.enter_async_context(
+                    slot_connection(self.redis, keys.tensors(sid), self.pool_timeout_s))
+                txn = StepTxn(self, sid, conn)
+                try:
+                    await txn.begin()
+                except StoreUnavailable as exc:
+                    await conns.aclose()
+                    if self.cluster and isinstance(exc.__cause__, AskError):
+                        await refresh_slots(self.redis)  # MovedError is an AskError
+                        if attempt == 0:
+                            continue
+                    raise
+                except BaseException:
+                    await conns.aclose()
+                    await refresh_slots(self.redis)  # a lost node: find its successor
+                    raise
+                stack.push_async_exit(conns)
+                break
+            try:
+                yield txn
+            finally:
+                await txn.abort()  # a no-op after a commit
 
     async def get_idempotency(self, sid: str, key: str) -> dict[str, Any] | None:
         raw = await self.redis.get(keys.idempotency(sid, key))
@@ -214,164 +264,4 @@ if redis.call('exists', KEYS[1]) == 1 then return -1 end
 return redis.call('del', KEYS[2], KEYS[3], KEYS[4])
 """
 
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 
-
-class StepTxn:
-    """One locked, WATCHed read-compute-commit of a session (see `Store.step_txn`)."""
-
-    def __init__(self, store: Store, sid: str, conn: AbstractConnection) -> None:
-        self.store = store
-        self.sid = sid
-        self.conn = conn
-        self.token = secrets.token_hex(16)
-        self.meta: SessionMeta | None = None
-        self.version: int | None = None
-        self.nonce: str | None = None  # changes with every commit (see `commit`)
-        self.done = False
-        self.locked = False
-
-    async def _batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Send commands together, read every reply (errors returned, not raised)."""
-        conn = self.conn
-        op = str(commands[0][0]) if commands else "-"
-        try:
-            with tracing.redis_span(commands), \
-                    metrics.timed(metrics.STORE_LATENCY.labels(op).observe):
-                await conn.send_packed_command(conn.pack_commands(commands))
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-            return replies
-        except BaseException:
-            await conn.disconnect()
-            raise
-
-    async def begin(self) -> None:
-        store, sid = self.store, self.sid
-        ttl_ms = int(store.lock_timeout_s * 1000)
-        deadline = time.monotonic() + store.lock_timeout_s
-        delay = 0.0005
-        started = time.perf_counter()
-        while True:
-            got, _, raw_meta, head = await self._batch([
-                ("SET", keys.lock(sid), self.token, "NX", "PX", ttl_ms),
-                ("WATCH", keys.tensors(sid)),
-                ("GET", keys.meta(sid)),
-                ("HMGET", keys.tensors(sid), keys.VERSION, keys.NONCE),
-            ])
-            for reply in (got, raw_meta, head):
-                if isinstance(reply, Exception):  # e.g. OOM or READONLY: not "lock held"
-                    await self._batch([("UNWATCH",)])
-                    raise_classified(reply)
-            if got:
-                break
-            await self._batch([("UNWATCH",)])
-            if time.monotonic() > deadline:
-                metrics.SESSION_BUSY.labels("lock").inc()
-                raise SessionBusy(f"session {sid} stayed locked for {store.lock_timeout_s} s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.002)  # lock holders are quick: poll often, briefly
-        self.locked = True
-        metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-        self.meta = SessionMeta.from_json(raw_meta) if raw_meta else None
-        raw_v, raw_nonce = head
-        self.version = int(raw_v) if raw_v is not None else None
-        self.nonce = raw_nonce.decode() if raw_nonce is not None else None
-
-    async def call(self, *command: Any) -> Any:
-        """One command on this transaction's own connection (reads while WATCHing: no second
-        pooled connection is held, so a full pool cannot deadlock steps)."""
-        (reply,) = await self._batch([command])
-        if isinstance(reply, Exception):
-            raise_classified(reply)
-        return reply
-
-    async def commit(self, new: int, fields: Mapping[str, Buffer], *,
-                     stats: Mapping[str, float | None] | None = None,
-                     idempotency_key: str | None = None,
-                     idempotency_digest: str | None = None,
-                     count_step: bool = True,
-                     delete_fields: Sequence[str] = (),
-                     meta: SessionMeta | None = None,
-                     extra: Sequence[Sequence[Any]] = ()) -> None:
-        """Write the new version's tensors (and `extra` commands) atomically, then unlock."""
-        sid = self.sid
-        tkey = keys.tensors(sid)
-        mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
-        unknown = [name for name, value in (stats or {}).items() if value is None]
-        for name, value in (stats or {}).items():
-            if value is not None:
-                mapping += [name, repr(float(value))]
-        delete_fields = [*delete_fields, *unknown]
-        for name, value in fields.items():
-            mapping += [name, value]
-        cmds: list[Sequence[Any]] = [("HSET", tkey, *mapping)]
-        if delete_fields:
-            cmds.append(("HDEL", tkey, *delete_fields))
-        if meta is not None:
-            cmds.append(("SET", keys.meta(sid), meta.to_json()))
-        if count_step:
-            cmds.append(("HINCRBY", tkey, keys.STEPS, 1))
-        if idempotency_key is not None:
-            cmds.append(self.remember(idempotency_key, new, idempotency_digest))
-        cmds.extend(extra)
-        await self.execute(cmds)
-
-    def remember(self, idempotency_key: str, version: int,
-                 digest: str | None = None) -> tuple[Any, ...]:
-        """The command that records `idempotency_key` as having made `version`."""
-        return ("SET", keys.idempotency(self.sid, idempotency_key),
-                idempotency_record(version, digest), "EX", self.store.idempotency_ttl_s)
-
-    async def execute(self, cmds: Sequence[Sequence[Any]]) -> list[Any]:
-        """MULTI, the commands, EXEC (void if the WATCHed hash moved), and the lock's release.
-
-        A transaction that writes anything a step reads (the session document or the tensor
-        hash: hyperparameters, state, params) also writes a fresh commit nonce, which every
-        process's tensor cache checks: a cached copy from before it can never be stepped
-        again, even when the version number did not move (a PATCH).
-        """
-        sid = self.sid
-        tkey, mkey = keys.tensors(sid), keys.meta(sid)
-        if any(len(c) > 1 and c[1] in (tkey, mkey) for c in cmds):
-            self.nonce = secrets.token_hex(8)
-            cmds = [*cmds, ("HSET", tkey, keys.NONCE, self.nonce)]
-        batch = [("MULTI",), *cmds, ("EXEC",),
-                 ("EVAL", _RELEASE, 1, keys.lock(sid), self.token)]
-        replies = await self._batch(batch)
-        self.done = True
-        self.locked = False
-        exec_reply = replies[-2]
-        if isinstance(exec_reply, Exception):  # EXECABORT: a queued command was refused
-            cause = first_refusal(replies[1:-2])
-            if cause is not None:
-                raise cause from exec_reply
-            raise classify(exec_reply) or exec_reply
-        if exec_reply is None:
-            metrics.SESSION_BUSY.labels("conflict").inc()
-            raise StoreConflict(f"session {sid} changed during the step (its lock expired)")
-        return list(exec_reply)
-
-    async def abort(self) -> None:
-        """Undo the WATCH and release the lock (best effort: the lock also expires)."""
-        if self.done:
-            return
-        self.done = True
-        try:
-            cmds: list[Sequence[Any]] = [("UNWATCH",)]
-            if self.locked:
-                cmds.append(("EVAL", _RELEASE, 1, keys.lock(self.sid), self.token))
-            await self._batch(cmds)
-        except Exception:  # the connection is gone; the lock's TTL frees the session
-            pass
-
-    async def finish(self) -> None:
-        """Release without writing (a replay or a rejected step)."""
-        await self.abort()

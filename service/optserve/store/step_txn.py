@@ -1,0 +1,215 @@
+"""The step transaction: one locked, WATCHed read-compute-commit of a session, on one
+connection to the primary that owns the session's slot (see `Store.step_txn`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError
+
+from .. import metrics, tracing
+from ..errors import SessionBusy, StoreConflict
+from ..session import SessionMeta
+from . import keys
+from .faults import classify, first_refusal, raise_classified
+
+if TYPE_CHECKING:
+    from .redis_store import Store
+
+Buffer = bytes | bytearray | memoryview
+
+
+def idempotency_record(version: int, digest: str | None = None) -> str:
+    """What an idempotency key remembers of the step it made: the version it produced, and
+    the digest of the request (a reuse with another request is refused, not replayed)."""
+    record: dict[str, Any] = {"version": version}
+    if digest is not None:
+        record["digest"] = digest
+    return json.dumps(record)
+
+
+def now() -> float:
+    return time.time()
+
+
+async def run_batch(conn: AbstractConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Send commands together on one connection, read every reply (errors returned, not
+    raised); a connection that fails midway is dropped, never reused half-read."""
+    try:
+        await conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        await conn.disconnect()
+        raise
+
+
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class StepTxn:
+    """One locked, WATCHed read-compute-commit of a session (see `Store.step_txn`)."""
+
+    def __init__(self, store: Store, sid: str, conn: AbstractConnection) -> None:
+        self.store = store
+        self.sid = sid
+        self.conn = conn
+        self.token = secrets.token_hex(16)
+        self.meta: SessionMeta | None = None
+        self.version: int | None = None
+        self.nonce: str | None = None  # changes with every commit (see `commit`)
+        self.done = False
+        self.locked = False
+
+    async def _batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        op = str(commands[0][0]) if commands else "-"
+        with tracing.redis_span(commands), \
+                metrics.timed(metrics.STORE_LATENCY.labels(op).observe):
+            return await run_batch(self.conn, commands)
+
+    async def begin(self) -> None:
+        store, sid = self.store, self.sid
+        ttl_ms = int(store.lock_timeout_s * 1000)
+        deadline = time.monotonic() + store.lock_timeout_s
+        delay = 0.0005
+        started = time.perf_counter()
+        while True:
+            got, _, raw_meta, head = await self._batch([
+                ("SET", keys.lock(sid), self.token, "NX", "PX", ttl_ms),
+                ("WATCH", keys.tensors(sid)),
+                ("GET", keys.meta(sid)),
+                ("HMGET", keys.tensors(sid), keys.VERSION, keys.NONCE),
+            ])
+            for reply in (got, raw_meta, head):
+                if isinstance(reply, Exception):  # e.g. OOM or READONLY: not "lock held"
+                    await self._batch([("UNWATCH",)])
+                    raise_classified(reply)
+            if got:
+                break
+            await self._batch([("UNWATCH",)])
+            if time.monotonic() > deadline:
+                metrics.SESSION_BUSY.labels("lock").inc()
+                raise SessionBusy(f"session {sid} stayed locked for {store.lock_timeout_s} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.002)  # lock holders are quick: poll often, briefly
+        self.locked = True
+        metrics.LOCK_WAIT.observe(time.perf_counter() - started)
+        self.meta = SessionMeta.from_json(raw_meta) if raw_meta else None
+        raw_v, raw_nonce = head
+        self.version = int(raw_v) if raw_v is not None else None
+        self.nonce = raw_nonce.decode() if raw_nonce is not None else None
+
+    async def call(self, *command: Any) -> Any:
+        """One command on this transaction's own connection (reads while WATCHing: no second
+        pooled connection is held, so a full pool cannot deadlock steps)."""
+        (reply,) = await self._batch([command])
+        if isinstance(reply, Exception):
+            raise_classified(reply)
+        return reply
+
+    async def commit(self, new: int, fields: Mapping[str, Buffer], *,
+                     stats: Mapping[str, float | None] | None = None,
+                     idempotency_key: str | None = None,
+                     idempotency_digest: str | None = None,
+                     count_step: bool = True,
+                     delete_fields: Sequence[str] = (),
+                     meta: SessionMeta | None = None,
+                     extra: Sequence[Sequence[Any]] = ()) -> None:
+        """Write the new version's tensors (and `extra` commands) atomically, then unlock."""
+        sid = self.sid
+        tkey = keys.tensors(sid)
+        mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
+        unknown = [name for name, value in (stats or {}).items() if value is None]
+        for name, value in (stats or {}).items():
+            if value is not None:
+                mapping += [name, repr(float(value))]
+        delete_fields = [*delete_fields, *unknown]
+        for name, value in fields.items():
+            mapping += [name, value]
+        cmds: list[Sequence[Any]] = [("HSET", tkey, *mapping)]
+        if delete_fields:
+            cmds.append(("HDEL", tkey, *delete_fields))
+        if meta is not None:
+            cmds.append(("SET", keys.meta(sid), meta.to_json()))
+        if count_step:
+            cmds.append(("HINCRBY", tkey, keys.STEPS, 1))
+        if idempotency_key is not None:
+            cmds.append(self.remember(idempotency_key, new, idempotency_digest))
+        cmds.extend(extra)
+        await self.execute(cmds)
+
+    def remember(self, idempotency_key: str, version: int,
+                 digest: str | None = None) -> tuple[Any, ...]:
+        """The command that records `idempotency_key` as having made `version`."""
+        return ("SET", keys.idempotency(self.sid, idempotency_key),
+                idempotency_record(version, digest), "EX", self.store.idempotency_ttl_s)
+
+    async def execute(self, cmds: Sequence[Sequence[Any]]) -> list[Any]:
+        """MULTI, the commands, EXEC (void if the WATCHed hash moved), and the lock's release.
+
+        A transaction that writes anything a step reads (the session document or the tensor
+        hash: hyperparameters, state, params) also writes a fresh commit nonce, which every
+        process's tensor cache checks: a cached copy from before it can never be stepped
+        again, even when the version number did not move (a PATCH).
+        """
+        sid = self.sid
+        tkey, mkey = keys.tensors(sid), keys.meta(sid)
+        if any(len(c) > 1 and c[1] in (tkey, mkey) for c in cmds):
+            self.nonce = secrets.token_hex(8)
+            cmds = [*cmds, ("HSET", tkey, keys.NONCE, self.nonce)]
+        prefix = keys.idempotency(sid, "")
+        records = [c[1] for c in cmds if c[0] == "SET" and str(c[1]).startswith(prefix)]
+        if records:  # Store.delete finds them here
+            iset = keys.idempotency_set(sid)
+            cmds = [*cmds, ("SADD", iset, *records),
+                    ("EXPIRE", iset, self.store.idempotency_ttl_s)]
+        wait = self.store._wait_cmds()
+        batch = [("MULTI",), *cmds, ("EXEC",), *wait,
+                 ("EVAL", _RELEASE, 1, keys.lock(sid), self.token)]
+        replies = await self._batch(batch)
+        self.done = True
+        self.locked = False
+        exec_reply = replies[len(cmds) + 1]
+        if isinstance(exec_reply, Exception):  # EXECABORT: a queued command was refused
+            cause = first_refusal(replies[1:len(cmds) + 1])
+            if cause is not None:
+                raise cause from exec_reply
+            raise classify(exec_reply) or exec_reply
+        if exec_reply is None:
+            metrics.SESSION_BUSY.labels("conflict").inc()
+            raise StoreConflict(f"session {sid} changed during the step (its lock expired)")
+        if wait:
+            self.store._check_acked(replies[len(cmds) + 2])
+        return list(exec_reply)
+
+    async def abort(self) -> None:
+        """Undo the WATCH and release the lock (best effort: the lock also expires)."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            cmds: list[Sequence[Any]] = [("UNWATCH",)]
+            if self.locked:
+                cmds.append(("EVAL", _RELEASE, 1, keys.lock(self.sid), self.token))
+            await self._batch(cmds)
+        except Exception:  # the connection is gone; the lock's TTL frees the session
+            pass
+
+    async def finish(self) -> None:
+        """Release without writing (a replay or a rejected step)."""
+        await self.abort()
