@@ -119,7 +119,7 @@ def serve(args: argparse.Namespace) -> int:
             _drop_metrics_dir(directory, ours)
             return code
         os.environ["OPTSERVE_REDIS_URL"] = embedded.url
-        settings = Settings()
+        settings = load_settings()
     host = args.host or settings.host
     metrics_server = None
     try:
