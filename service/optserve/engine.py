@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -22,10 +21,10 @@ from typing import Any
 import anyio
 import torch
 
-from optserve_client.spec import ACCUMULATORS, STEP_KEY
+from optserve_client.spec import STEP_KEY
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
-from . import metrics, optim, tracing
+from . import metrics, optim, tracing, update
 from .cache import Loaded, TensorCache, nbytes
 from .checks import (
     check_same_request,
@@ -40,7 +39,7 @@ from .session import SessionMeta
 from .settings import Settings
 from .store import keys
 from .store.redis_store import StepTxn, Store
-from .tensors import from_bytes, to_bytes
+from .tensors import from_bytes
 
 log = logging.getLogger("optserve")
 
@@ -57,38 +56,6 @@ class StepOutcome:
     # Called once the response is sent: gives the step's tensors back to the cache (the
     # body may point into them, so no other step may touch them before).
     after_send: Callable[[], None] | None = None
-
-
-def _numel(t: WireTensor | torch.Tensor) -> int:
-    return t.numel() if isinstance(t, torch.Tensor) else t.numel
-
-
-def _nbytes(t: WireTensor | torch.Tensor) -> int:
-    return nbytes(t) if isinstance(t, torch.Tensor) else t.data.nbytes
-
-
-def _accumulators_finite(opt: optim.OptimizerDef, loaded: Loaded, names: list[str]) -> bool:
-    """Whether square_avg / AdaGrad's sum stayed finite. An overflow there makes the update
-    0, not inf, so the update norm cannot see it. They are >= 0, so a finite sum proves it:
-    one read-only reduction (a sum that overflows sends the caller to the exact check)."""
-    key = ACCUMULATORS.get(opt.name)
-    if key is None:
-        return True
-    for n in names:
-        t = loaded.state.get(n, {}).get(key)
-        if t is not None and t.numel() and not math.isfinite(float(t.sum())):
-            return False
-    return True
-
-
-def _norm(tensors: Iterable[torch.Tensor]) -> float:
-    """The 2-norm over several tensors; float32 sums, float64 only when those overflow."""
-    ts = [t for t in tensors if t.numel()]
-    total = math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in ts))
-    if math.isinf(total):
-        total = math.sqrt(sum(
-            float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in ts))
-    return total
 
 
 class Engine:
@@ -294,14 +261,15 @@ class Engine:
         opt = optim.get_optimizer(meta.optimizer)
         hp = opt.hyperparams.model_validate((new_meta or meta).hyperparams)
         loaded = await self.load(meta, version, txn)
-        stale = self._momentum_switched_on(meta, new_meta, loaded)
-        numel = sum(_numel(w) for w in grads.values())
+        stale = update.momentum_switched_on(meta, new_meta, loaded)
+        numel = sum(map(update.numel, grads.values()))
         with tracing.span("optimizer.update", **{"optserve.optimizer": opt.name,
                                                  "optserve.numel": numel}), \
                 metrics.timed(metrics.UPDATE_SECONDS.labels(opt.name).observe):
             fields, stats = await self.offload(
-                self._apply_and_pack, opt, hp, loaded, grads, count=len(grads),
-                nbytes=lambda: sum(map(_nbytes, grads.values())))
+                partial(update.apply_and_pack, device=self.device, kernel=self.kernel),
+                opt, hp, loaded, grads, count=len(grads),
+                nbytes=lambda: sum(map(update.grad_nbytes, grads.values())))
         new_version = version + 1
         more = [txn.remember(k, new_version, d) for k, d in extra_idempotency_keys]
         loaded.version = new_version
@@ -323,71 +291,3 @@ class Engine:
         # `loaded` was taken out of the cache for this step; it goes back after the send.
         return StepOutcome(new_version, body, stats=stats,
                            after_send=lambda: self.cache.put(sid, loaded))
-
-    @staticmethod
-    def _momentum_switched_on(meta: SessionMeta, new_meta: SessionMeta | None,
-                              loaded: Loaded) -> list[str]:
-        """As PATCH does: momentum switched on starts from a fresh buffer, not one left from
-        an earlier stretch with it. Drops those buffers; returns their fields."""
-        if new_meta is None or meta.hyperparams.get("momentum", 0) != 0 \
-                or new_meta.hyperparams.get("momentum", 0) == 0:
-            return []
-        stale = []
-        for name, st in loaded.state.items():
-            if st.pop("momentum_buffer", None) is not None:
-                stale.append(keys.state_field(name, "momentum_buffer"))
-        return stale
-    def _apply_and_pack(self, opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
-                        grads: Mapping[str, WireTensor | torch.Tensor]
-                        ) -> tuple[dict[str, memoryview], dict[str, float | None]]:
-        """The step, then the changed tensors as the Redis fields to write."""
-        touched, stats = self._apply(opt, hp, loaded, grads)
-        fields: dict[str, memoryview] = {}
-        for name in touched:
-            fields[keys.param_field(name)] = to_bytes(loaded.params[name])
-            for key, t in loaded.state.get(name, {}).items():
-                fields[keys.state_field(name, key)] = to_bytes(t)
-        loaded.count_bytes()
-        return fields, stats
-
-    def _apply(self, opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
-               grads: Mapping[str, WireTensor | torch.Tensor]
-               ) -> tuple[list[str], dict[str, float | None]]:
-        tgrads = {
-            n: w.to(self.device) if isinstance(w, torch.Tensor)
-            else from_bytes(w.data, w.dtype, w.shape, self.device, writable=False)
-            for n, w in grads.items()
-        }
-        touched = sorted(tgrads)
-        with torch.no_grad():
-            grad_norm = _norm(tgrads.values())
-            update_sq = optim.step(opt, loaded.params, tgrads, loaded.state, hp,
-                                   kernel=self.kernel, track_update=True)
-            # The old parameters are finite, so a finite update norm proves the new ones are:
-            # the norm (from the compiled kernel's own pass) serves as the check.
-            update_norm: float | None = math.sqrt(sum(update_sq.values()))
-            if not math.isfinite(update_norm) or not _accumulators_finite(opt, loaded, touched):
-                self._refuse_non_finite(loaded, tgrads, touched)  # exact; this path is rare
-                if not math.isfinite(update_norm):
-                    update_norm = None  # a float32 sum overflowed; the tensors are finite
-        stats = {keys.LAST_GRAD_NORM: grad_norm, keys.LAST_UPDATE_NORM: update_norm}
-        # None (unknown) clears the stored value rather than leaving the last step's.
-        return touched, {k: v if v is not None and math.isfinite(v) else None
-                         for k, v in stats.items()}
-
-    @staticmethod
-    def _refuse_non_finite(loaded: Loaded, grads: Mapping[str, torch.Tensor],
-                           touched: list[str]) -> None:
-        """Refuse a step that made parameters or optimizer state NaN or infinite."""
-        params_ok = optim.all_finite(loaded.params[n] for n in touched)
-        state_ok = optim.all_finite(t for n in touched for t in loaded.state.get(n, {}).values())
-        if params_ok and state_ok:
-            return
-        for n in touched:
-            g = grads[n]
-            if g.numel() and not bool(torch.isfinite(g).all()):
-                raise DomainError("non_finite_gradient", f"gradient {n!r} has NaN or "
-                                  "infinite values; nothing was applied", tensor=n)
-        what = "parameters" if not params_ok else "optimizer state (e.g. square_avg overflowed)"
-        raise DomainError("non_finite_result", f"this step would make the {what} NaN or "
-                          "infinite; nothing was applied", current_version=loaded.version)

@@ -14,15 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
-import logging
 import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from redis.asyncio import Redis
 
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
@@ -39,6 +36,7 @@ from .checks import (
 )
 from .engine import Encoder, Engine, StepOutcome
 from .errors import Busy, DomainError
+from .round_notifier import RoundNotifier
 from .session import SessionMeta
 from .store import keys
 from .store import rounds as stored
@@ -46,56 +44,6 @@ from .store.clients import pubsub_client
 from .store.redis_store import StepTxn
 from .store.rounds import Contribution, RoundHead
 from .tensors import DTYPES, from_bytes, to_bytes
-
-log = logging.getLogger("optserve")
-
-
-class RoundNotifier:
-    """One pub/sub subscription per process, fanning round closures out to waiting requests."""
-
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self.waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self.task: asyncio.Task[None] | None = None
-
-    def future(self, token: str) -> asyncio.Future[None]:
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._listen())
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.setdefault(token, []).append(fut)
-        return fut
-
-    def forget(self, token: str, fut: asyncio.Future[None]) -> None:
-        futs = self.waiters.get(token, [])
-        if fut in futs:
-            futs.remove(fut)
-        if not futs:
-            self.waiters.pop(token, None)
-
-    async def _listen(self) -> None:
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(keys.ROUNDS_CHANNEL)
-                async for message in pubsub.listen():
-                    token = json.loads(message["data"]).get("token")
-                    for fut in self.waiters.pop(token, []):
-                        if not fut.done():
-                            fut.set_result(None)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis went away: waiters fall back to their checks
-                log.debug("round notifier reconnecting after %s", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-
-    async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
 
 
 class SyncRounds:

@@ -28,10 +28,11 @@ from .checks import (
 )
 from .engine import Engine
 from .errors import DomainError, QuotaExceeded
-from .session import SessionHead, SessionMeta, SyncSpec, describe
+from .session import SessionHead, SessionMeta, describe
 from .store import keys, quotas
 from .store import rounds as stored
 from .store.redis_store import StepTxn, now
+from .sync_settings import sync_settings
 
 
 @dataclass(frozen=True)
@@ -41,42 +42,6 @@ class View:
     meta: SessionMeta
     head: SessionHead
     replayed: bool = False
-
-
-def sync_settings(given: Mapping[str, Any], old: SyncSpec | None = None) -> SyncSpec:
-    """Checked sync settings: ``given`` over ``old`` (a PATCH; a null field removes it).
-
-    A minimum left out defaults to its target (a round not full at its deadline fails); on
-    a PATCH it keeps its value if that was below its old target, else follows the new one.
-    """
-    def pick(name: str) -> Any:
-        return given[name] if name in given else getattr(old, name, None)
-
-    def least(name: str, of: str, target: float | None) -> Any:
-        if given.get(name) is not None:
-            if target is None:
-                raise DomainError("invalid_request", f"sync.{name} needs sync.{of}",
-                                  field=f"sync.{name}")
-            value = given[name]
-        elif old is not None and name not in given and getattr(old, name) is not None \
-                and getattr(old, name) != getattr(old, of):
-            value = getattr(old, name)  # set below its target earlier: kept
-        else:
-            value = None
-        if target is None:
-            return None
-        if value is not None and value > target:
-            raise DomainError("invalid_request", f"sync.{name} cannot exceed sync.{of}",
-                              field=f"sync.{name}")
-        return target if value is None else value
-
-    contributions, target = pick("contributions"), pick("target_weight")
-    if contributions is None and target is None:
-        raise DomainError("invalid_request", "sync needs `contributions`, `target_weight` or "
-                          "both", field="sync")
-    return SyncSpec(contributions, least("min_contributions", "contributions", contributions),
-                    float(pick("timeout_s") or 60.0), target,
-                    least("min_weight", "target_weight", target))
 
 
 class Sessions:
