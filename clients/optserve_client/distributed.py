@@ -1,23 +1,9 @@
 """Data-parallel training through one optserve session: K workers, one optimizer.
 
-Each worker computes gradients on its own shard and pushes them; the service holds the one
-optimizer state. Two ways to combine the workers:
-
-* **sync** (`SyncWorker`): the session is in sync mode with ``contributions = K``. A push
-  names the round by the version its gradients were computed on
-  (``X-Optserve-Base-Version``) and carries a weight (e.g. the batch size), then waits
-  until the round closes; every worker gets the same new parameters. K workers with batch
-  B each are then exactly one optimizer stepping on the weighted-mean gradient of the K*B
-  examples (the server sums in float64).
-* **async** (`AsyncWorker`): the session is in async mode, every push is one step, and the
-  session's ``max_staleness = s`` refuses a gradient computed more than ``s`` versions ago
-  (``409 stale_gradient``). The worker then re-pulls and either recomputes the gradient on
-  the fresh parameters (``on_stale="recompute"``) or drops it (``"drop"``).
-
-`DataParallelOptimizer` wraps either worker for a torch model: ``step()`` pushes the
-``.grad`` of each named parameter and writes the parameters that come back into the model
-in place. The workers only use `Client`, so they run the same in threads, processes or on
-other machines; torch is imported only by `DataParallelOptimizer`.
+The workers themselves (`SyncWorker`, `AsyncWorker`, sync and async modes) live in
+`optserve_client.workers` and are re-exported here. `DataParallelOptimizer` wraps either for
+a torch model: ``step()`` pushes the ``.grad`` of each named parameter and writes the
+parameters that come back into the model in place; torch is imported only by it.
 """
 
 from __future__ import annotations

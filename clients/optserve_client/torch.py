@@ -1,11 +1,7 @@
-"""``torch.optim.Optimizer`` subclasses whose state and update live in the service.
+"""torch's optimizer names and defaults over `RemoteOptimizer` (see `optserve_client._remote`).
 
 Swap ``torch.optim.RMSprop(model.parameters(), lr=...)`` for
-``RemoteRMSprop(model.named_parameters(), lr=..., url=...)`` and the training loop stays the
-same: ``step()`` pushes the ``.grad``s and writes the returned parameters into the model's
-tensors in place. Each param group is one session (a session holds one set of
-hyperparameters); a group's hyperparameters changed since its last step (by hand or by an LR
-scheduler) ride with its next step: one request per group per ``step()``.
+``RemoteRMSprop(model.named_parameters(), lr=..., url=...)``: the training loop stays the same.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .base import flat_ok
+
 BLOCK_BYTES = 1 << 20
 """Bytes of one tensor per block: 256 Ki float32 or 128 Ki float64 elements. Measured best
 on a 2-core AVX2 machine (1 MiB L2 per core, 16 MiB L3) among 64 Ki..1 Mi float32 elements:
@@ -37,17 +39,8 @@ def block_numel(t: Tensor) -> int:
 
 def blockable(param: Tensor, *state: Tensor | None) -> bool:
     """Whether ``param`` and its state tensors can be cut into 1-D slices alike."""
-    if param.device.type != "cpu" or not param.is_contiguous():
-        return False
-    if param.numel() <= block_numel(param):
-        return False
-    for t in state:
-        if t is None:
-            continue
-        if (t.shape != param.shape or t.dtype != param.dtype or t.device != param.device
-                or not t.is_contiguous()):
-            return False
-    return True
+    return (param.device.type == "cpu" and param.numel() > block_numel(param)
+            and flat_ok(param, *state))
 
 
 def scratch(param: Tensor) -> Tensor | None:
