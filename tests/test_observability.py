@@ -99,7 +99,9 @@ def test_two_workers_count_every_step_in_every_scrape(two_workers: Serve) -> Non
             assert _sample(page.text, "optserve_tenant_stored_bytes", tenant="obs") > 0
             assert _sample(page.text, "optserve_step_seconds_count", mode="async") == n
             pids |= set(re.findall(r'process_resident_memory_bytes\{pid="(\d+)"\}', page.text))
-        assert len(pids) == 2  # both workers' process metrics
+        # both workers' process metrics (a worker that uvicorn replaced, e.g. after a missed
+        # health check on a loaded machine, may still be listed beside them)
+        assert len(pids) >= 2
         # the API's own port does not serve them when the metrics port does
         assert m.get(f"{two_workers.url}/metrics").status_code == 404
 
