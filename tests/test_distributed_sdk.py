@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,26 +141,7 @@ def test_data_parallel_example_processes_match_local_reference(live_server: str,
 
     final = load_file(out)
 
-    data = ex.load_data(0)
-    model = ex.make_model(0)
-
-    def grad_of(rank: int):
-        idx = ex.shard(len(data.x_train), rank, workers)
-        xs, ys = data.x_train[idx], data.y_train[idx]
-
-        def at(step: int) -> tuple[float, dict[str, torch.Tensor]]:
-            b = ex.batch_indices(len(xs), step, bs, rank, 0)
-            model.zero_grad()
-            torch.nn.functional.cross_entropy(model(xs[b]), ys[b]).backward()
-            return float(len(b)), {n: p.grad.clone() for n, p in model.named_parameters()}
-        return at
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers: the same kernels, the same sums
-    try:
-        ref = reference(model, [grad_of(r) for r in range(workers)], steps, lr=3e-3)
-    finally:
-        torch.set_num_threads(threads)
+    ref = _example_reference(ex, workers, steps, bs)
     assert set(final) == set(ref)
     for n in ref:
         torch.testing.assert_close(final[n], ref[n], rtol=1e-5, atol=1e-7)
@@ -410,11 +392,24 @@ def test_torchrun_example_ranks_match_local_reference(live_server: str,
     with safe_open(tmp_path / "rank0.safetensors", "pt") as f:
         sid = f.metadata()["session"]
 
+    ref = _example_reference(ex, world, steps, bs)
+    with Client(live_server) as client:
+        doc = client.get_session(sid)
+        assert (doc.name, doc.version, doc.sync["contributions"]) == (name, steps, world)
+        client.delete_session(sid)
+    for n in ref:
+        assert torch.equal(finals[0][n], finals[1][n])
+        torch.testing.assert_close(finals[0][n], ref[n], rtol=1e-5, atol=1e-7)
+
+
+def _example_reference(ex: Any, workers: int, steps: int, bs: int) -> dict[str, torch.Tensor]:
+    """Local RMSprop on the examples' weighted-mean gradients of `workers` shards, computed
+    single-threaded as the workers compute them (the same kernels, the same sums)."""
     data = ex.load_data(0)
     model = ex.make_model(0)
 
     def grad_of(rank: int):
-        idx = ex.shard(len(data.x_train), rank, world)
+        idx = ex.shard(len(data.x_train), rank, workers)
         xs, ys = data.x_train[idx], data.y_train[idx]
 
         def at(step: int) -> tuple[float, dict[str, torch.Tensor]]:
@@ -425,15 +420,8 @@ def test_torchrun_example_ranks_match_local_reference(live_server: str,
         return at
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks: the same kernels, the same sums
+    torch.set_num_threads(1)
     try:
-        ref = reference(model, [grad_of(r) for r in range(world)], steps, lr=3e-3)
+        return reference(model, [grad_of(r) for r in range(workers)], steps, lr=3e-3)
     finally:
         torch.set_num_threads(threads)
-    with Client(live_server) as client:
-        doc = client.get_session(sid)
-        assert (doc.name, doc.version, doc.sync["contributions"]) == (name, steps, world)
-        client.delete_session(sid)
-    for n in ref:
-        assert torch.equal(finals[0][n], finals[1][n])
-        torch.testing.assert_close(finals[0][n], ref[n], rtol=1e-5, atol=1e-7)
