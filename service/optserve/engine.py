@@ -26,6 +26,7 @@ from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
 from . import metrics, optim, tracing, update
 from .cache import Loaded, TensorCache, nbytes
+from .checkpoint import Checkpoints, all_fields
 from .checks import (
     check_same_request,
     check_staleness,
@@ -34,10 +35,10 @@ from .checks import (
     locked_session,
     step_hyperparams,
 )
-from .errors import DomainError, StoreConflict
+from .errors import DomainError
 from .session import SessionMeta
 from .settings import Settings
-from .store import keys
+from .store import keys, wal
 from .store.redis_store import StepTxn, Store
 from .tensors import from_bytes
 
@@ -63,6 +64,7 @@ class Engine:
         self.store = store
         self.settings = settings
         self.device = settings.torch_device()
+        self.device_type = torch.device(self.device).type  # what a logged step records
         self.kernel: optim.KernelName = settings.kernel
         if self.kernel == "compiled":  # learn now, in the background, whether compiling works
             from .optim import fused
@@ -70,6 +72,7 @@ class Engine:
             threading.Thread(target=fused.probe, args=(self.device,), name="optserve-probe",
                              daemon=True).start()
         self.cache = TensorCache(settings.cache_bytes)
+        self.checkpoints = Checkpoints(self)
         self._warmed: set[tuple[Any, ...]] = set()
 
     def warm(self, meta: SessionMeta) -> None:
@@ -125,24 +128,16 @@ class Engine:
 
     async def load(self, meta: SessionMeta, version: int, txn: StepTxn) -> Loaded:
         """The session's tensors at `version`: this process's cached copy if it is that very
-        commit, else read on the transaction's connection (the WATCH guards the snapshot)."""
+        commit, else rebuilt from the checkpoint and the log on the transaction's
+        connection (under the lock and the WATCH)."""
         sid = meta.id
+        await self.checkpoints.wait_copy(sid)
         cached = self.cache.take(sid, version, txn.nonce)
         if cached is not None:
             return cached
-        raw = await txn.call("HGETALL", keys.tensors(sid))
-        loaded = await self.offload(self._materialize_stored, meta, version, raw,
-                                    count=len(raw), nbytes=lambda: sum(map(len, raw.values())))
+        loaded = await self.checkpoints.load_locked(meta, version, txn)
         loaded.nonce = txn.nonce
         return loaded
-
-    def _materialize_stored(self, meta: SessionMeta, version: int,
-                            raw: Mapping[bytes, bytes]) -> Loaded:
-        fields = {k.decode(): v for k, v in raw.items()}
-        stored = fields.get(keys.VERSION)
-        if stored is None or int(stored) != version:
-            raise StoreConflict(f"session {meta.id} moved from {version} to {stored}")
-        return self.materialize(meta, version, fields)
 
     def should_offload(self, count: int, nbytes: int | Callable[[], int]) -> bool:
         """Whether tensor work is big enough for a worker thread: by bytes (the math), or by
@@ -228,8 +223,7 @@ class Engine:
     async def encode_params(self, meta: SessionMeta, encode: Encoder) -> tuple[int | None, Body]:
         """The current parameters and their version, straight from Redis bytes to the wire."""
         declared = meta.tensors
-        fields = [keys.param_field(n) for n in declared]
-        version, raw = await self.store.load(meta.id, fields)
+        version, raw = await self.checkpoints.read(meta)
         if version is None:
             raise DomainError("no_params", "the session has no parameters yet",
                               current_version=None)
@@ -266,19 +260,30 @@ class Engine:
         with tracing.span("optimizer.update", **{"optserve.optimizer": opt.name,
                                                  "optserve.numel": numel}), \
                 metrics.timed(metrics.UPDATE_SECONDS.labels(opt.name).observe):
-            fields, stats = await self.offload(
-                partial(update.apply_and_pack, device=self.device, kernel=self.kernel),
+            _, stats = await self.offload(
+                partial(update.apply, device=self.device, kernel=self.kernel),
                 opt, hp, loaded, grads, count=len(grads),
                 nbytes=lambda: sum(map(update.grad_nbytes, grads.values())))
+        loaded.count_bytes()
         new_version = version + 1
         more = [txn.remember(k, new_version, d) for k, d in extra_idempotency_keys]
         loaded.version = new_version
+        log_cmds, logged = wal.log_cmds(
+            sid, new_version, txn.new_nonce(), grads, (new_meta or meta).hyperparams,
+            fresh_momentum=bool(stale), device_type=self.device_type)
+        steps, nbytes_ = txn.log_steps + 1, txn.log_bytes + logged
+        sync_checkpoint = self.checkpoints.overdue(steps, nbytes_)
         await txn.commit(
-            new_version, fields, stats=stats, idempotency_key=idempotency_key,
-            idempotency_digest=idempotency_digest,
-            delete_fields=[f for f in stale if f not in fields], meta=new_meta,
-            extra=more + (extra(loaded) if extra is not None else []),
+            new_version, all_fields(loaded) if sync_checkpoint else None,
+            log=() if sync_checkpoint else log_cmds, stats=stats,
+            idempotency_key=idempotency_key, idempotency_digest=idempotency_digest,
+            meta=new_meta, extra=more + (extra(loaded) if extra is not None else []),
         )
+        if sync_checkpoint:
+            metrics.CHECKPOINTS.labels("sync").inc()
+            metrics.CHECKPOINT_BYTES.inc(loaded.nbytes)
+        else:
+            metrics.LOGGED_BYTES.inc(logged)
         loaded.nonce = txn.nonce
         if new_meta is not None:
             self.warm(new_meta)
@@ -289,5 +294,10 @@ class Engine:
         metrics.STEP_SECONDS.labels("sync" if meta.is_sync else "async").observe(
             time.perf_counter() - started)
         # `loaded` was taken out of the cache for this step; it goes back after the send.
-        return StepOutcome(new_version, body, stats=stats,
-                           after_send=lambda: self.cache.put(sid, loaded))
+        background = not sync_checkpoint and self.checkpoints.due(steps, nbytes_)
+
+        def after_send() -> None:
+            if not (background and self.checkpoints.start(sid, loaded)):
+                self.cache.put(sid, loaded)
+
+        return StepOutcome(new_version, body, stats=stats, after_send=after_send)

@@ -78,6 +78,19 @@ CACHE_BYTES = Gauge("optserve_cache_bytes", "Bytes held by the tensor caches (al
 CACHE_ENTRIES = Gauge("optserve_cache_entries", "Sessions held by the tensor caches",
                       multiprocess_mode="livesum", registry=REGISTRY)
 
+# ------------------------------------------------------------------ write-ahead log
+LOGGED_BYTES = Counter("optserve_wal_bytes_total", "Gradient bytes written to the step log",
+                       registry=REGISTRY)
+CHECKPOINTS = Counter("optserve_checkpoints_total", "Checkpoints of full tensors, by kind: "
+                      "background, sync (a log at its bound), superseded (a newer one or a "
+                      "PUT landed first), failed", ["kind"], registry=REGISTRY)
+CHECKPOINT_BYTES = Counter("optserve_checkpoint_bytes_total", "Tensor bytes checkpointed",
+                           registry=REGISTRY)
+REPLAYS = Counter("optserve_replayed_steps_total", "Logged steps replayed to rebuild a session "
+                  "(not hot in this process)", registry=REGISTRY)
+REPLAY_BYTES = Counter("optserve_replayed_bytes_total", "Gradient bytes of the replayed steps",
+                       registry=REGISTRY)
+
 
 _DIR = os.environ.get(MULTIPROC_ENV) or None  # the mode this process's values were made in
 

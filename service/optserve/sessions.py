@@ -16,6 +16,7 @@ from optserve_client import wire
 from optserve_client.spec import PRESETS
 
 from . import optim, state_io
+from .checkpoint import all_fields
 from .checks import (
     IfMatch,
     check_finite,
@@ -29,7 +30,7 @@ from .checks import (
 from .engine import Engine
 from .errors import DomainError, QuotaExceeded
 from .session import SessionHead, SessionMeta, describe
-from .store import keys, quotas
+from .store import keys, quotas, wal
 from .store import rounds as stored
 from .store.redis_store import StepTxn, now
 from .sync_settings import sync_settings
@@ -200,11 +201,16 @@ class Sessions:
                 changes = {**changes, "sync": sync_settings(sync, old.sync)}
             meta = old.replace(optimizer=optimizer, hyperparams=hp, **changes)
             cmds: list[Any] = [("SET", keys.meta(sid), meta.to_json())]
-            if old.hyperparams.get("momentum", 0) == 0 and hp.get("momentum", 0) != 0:
-                stale = [f for f in await txn.call("HKEYS", keys.tensors(sid))
-                         if f.endswith(b".momentum_buffer") and f.startswith(b"s.")]
-                if stale:
-                    cmds.append(("HDEL", keys.tensors(sid), *stale))
+            fresh = old.hyperparams.get("momentum", 0) == 0 and hp.get("momentum", 0) != 0
+            version = txn.version
+            if version is not None and (fresh or txn.log_steps):
+                # A checkpoint at this version: the log's steps keep the hyperparameters
+                # they ran with, and momentum switched on drops today's buffers.
+                loaded = await self.engine.load(old, version, txn)
+                for st in loaded.state.values():
+                    if fresh:
+                        st.pop("momentum_buffer", None)
+                cmds += wal.full_checkpoint_cmds(sid, version, all_fields(loaded))
             await txn.execute(cmds)
         self.engine.cache.drop(sid)
         self.engine.warm(meta)
@@ -219,7 +225,11 @@ class Sessions:
             declared = meta.tensors or None
             require_if_match(version, if_match, "parameters")
             await self._check_params(declared, tensors)
-            fields = {keys.param_field(n): t.data for n, t in tensors.items()}
+            fields: dict[str, Any] = {}
+            if version is not None:  # the state is kept: as of now (the log replayed)
+                fields.update(all_fields(await self.engine.load(meta, version, txn),
+                                         state_only=True))
+            fields.update({keys.param_field(n): t.data for n, t in tensors.items()})
             new_meta = meta.replace(tensors=describe(tensors)) if declared is None else None
             self.engine.cache.drop(sid)
             abandon = await stored.abandon_cmds(txn, meta)
@@ -240,15 +250,13 @@ class Sessions:
             new = await self.engine.offload(state_io.parse_import, meta, tensors, metadata,
                                             count=len(tensors), nbytes=_wire_bytes(tensors))
             check_tensor_count(new.params, self.settings.max_tensors_per_session)
-            stale = [f.decode() for f in await txn.call("HKEYS", keys.tensors(sid))
-                     if f.startswith(b"s.") and f.decode() not in new.fields]
             new_meta = meta.replace(optimizer=new.optimizer, hyperparams=new.hyperparams,
                                     tensors=describe(new.params))
             self.engine.cache.drop(sid)
             abandon = await stored.abandon_cmds(txn, meta)
             async with self._charging(txn, meta, new.params):
                 await txn.commit(0 if version is None else version + 1, new.fields,
-                                 count_step=False, delete_fields=stale, meta=new_meta,
+                                 count_step=False, meta=new_meta,
                                  extra=[("HSET", keys.tensors(sid), keys.STEPS, new.steps),
                                         *abandon])
         self.engine.warm(new_meta)
@@ -257,7 +265,7 @@ class Sessions:
     async def export_state(self, meta: SessionMeta
                            ) -> tuple[int | None, dict[str, wire.WireTensor], dict[str, Any]]:
         """The state file's tensors and its ``optserve`` metadata."""
-        version, fields = await self.store.load(meta.id)
+        version, fields = await self.engine.checkpoints.read(meta)
         info = {"optimizer": meta.optimizer, "hyperparams": meta.hyperparams,
                 "version": version}
         exported = await self.engine.offload(state_io.export, meta, fields, count=len(fields),
@@ -266,7 +274,7 @@ class Sessions:
 
     async def stats(self, meta: SessionMeta) -> dict[str, Any]:
         """Steps, last norms and each tensor's step count and effective learning rates."""
-        version, fields = await self.store.load(meta.id)
+        version, fields = await self.engine.checkpoints.read(meta)
         head = await self.store.head(meta.id)
         opt = optim.get_optimizer(meta.optimizer)
         hp = opt.hyperparams.model_validate(meta.hyperparams)

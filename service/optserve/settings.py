@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="One `tenant key` per line.")
     cache_bytes: int = Field(1024 * 1024 * 1024, ge=0, description="Per-process tensor cache.")
     lock_timeout_s: float = Field(30.0, gt=0, description="Lifetime of a session's step lock.")
+    checkpoint_steps: int = Field(
+        16, ge=1, description="Write a session's full tensors (in the background) once this "
+        "many steps are logged since its last checkpoint; at twice it, the step does."
+    )
+    checkpoint_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="... or once the logged gradients reach this "
+        "many bytes (twice it: synchronously). Bounds Redis memory per session (README)."
+    )
     redis_timeout_s: float = Field(5.0, gt=0)
     redis_max_connections: int = Field(
         512, ge=2, description="Redis connections per process; a request waits when all are busy."

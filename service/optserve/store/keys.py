@@ -13,6 +13,27 @@ def tensors(sid: str) -> str:
     return f"{PREFIX}:{{s:{sid}}}:t"
 
 
+def checkpoint(sid: str) -> str:
+    """The last checkpoint: every tensor's bytes (``p.*``, ``s.*``) at version ``k``, and
+    ``lb``, the bytes logged since (see store/wal.py)."""
+    return f"{PREFIX}:{{s:{sid}}}:ck"
+
+
+def checkpoint_staging(sid: str, token: str) -> str:
+    """A background checkpoint's tensors before they become `checkpoint` (a RENAME)."""
+    return f"{PREFIX}:{{s:{sid}}}:ck:{token}"
+
+
+def wal(sid: str) -> str:
+    """The write-ahead log: a stream, one entry per step since the checkpoint, id = version."""
+    return f"{PREFIX}:{{s:{sid}}}:wal"
+
+
+def wal_index(sid: str) -> str:
+    """Logged version -> "<gradient bytes> <commit nonce>" (small: trimming reads it)."""
+    return f"{PREFIX}:{{s:{sid}}}:wali"
+
+
 def lock(sid: str) -> str:
     return f"{PREFIX}:{{s:{sid}}}:lock"
 
@@ -71,6 +92,8 @@ LAST_GRAD_NORM = "gn"
 LAST_UPDATE_NORM = "un"
 STEPS = "n"  # steps applied, for "cannot change once a step has been applied"
 NONCE = "c"  # a random token per commit, checked by the tensor cache with the version
+CKPT_VERSION = "k"  # in `checkpoint`: the version its tensors hold
+LOG_BYTES = "lb"  # in `checkpoint`: gradient bytes logged since it
 HEAD_FIELDS = (VERSION, UPDATED, LAST_GRAD_NORM, LAST_UPDATE_NORM, STEPS)  # numbers
 
 

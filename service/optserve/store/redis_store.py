@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import AskError
@@ -20,13 +21,24 @@ from redis.exceptions import AskError
 from .. import metrics
 from ..errors import DomainError, SessionBusy, StoreConflict, StoreUnavailable
 from ..session import SessionHead, SessionMeta
-from . import keys, quotas
+from . import keys, quotas, wal
 from .clients import Client, is_cluster, make_redis, refresh_slots, slot_connection
 from .faults import classify, first_refusal, raise_classified
 from .step_txn import Buffer, StepTxn, idempotency_record, now, run_batch
 
 __all__ = ["Buffer", "SessionBusy", "StepTxn", "Store", "StoreConflict", "idempotency_record",
            "make_redis", "now", "run_batch"]
+
+
+@dataclass
+class Snapshot:
+    """A session's tensors as stored: a checkpoint and the steps logged after it."""
+
+    version: int | None
+    nonce: str | None
+    ck_version: int | None
+    fields: dict[str, bytes]
+    log: list[wal.Record]
 
 
 def _head(values: Sequence[Any]) -> SessionHead:
@@ -91,20 +103,21 @@ class Store:
         sid, tenant = meta.id, meta.tenant or ""
         await self.redis.sadd(keys.tenant_sessions(tenant), sid)
         head: list[Any] = [keys.UPDATED, repr(meta.created_at)]
+        writes: list[tuple[Any, ...]] = [("SET", keys.meta(sid), meta.to_json())]
         if fields is not None:
             head += [keys.VERSION, "0"]
-        for name, value in (fields or {}).items():
-            head += [name, value]
-        cmds = [("MULTI",), ("SET", keys.meta(sid), meta.to_json()),
-                ("HSET", keys.tensors(sid), *head), ("EXEC",), *self._wait_cmds()]
+            writes += wal.full_checkpoint_cmds(sid, 0, fields)
+        writes.append(("HSET", keys.tensors(sid), *head))
+        n = len(writes)
+        cmds = [("MULTI",), *writes, ("EXEC",), *self._wait_cmds()]
         try:
             replies = await self._on_slot(keys.tensors(sid), cmds)
-            exec_reply = replies[3]
+            exec_reply = replies[n + 1]
             if isinstance(exec_reply, Exception):
-                cause = first_refusal(replies[1:3])
+                cause = first_refusal(replies[1:n + 1])
                 raise cause or classify(exec_reply) or exec_reply
-            if len(replies) > 4:
-                self._check_acked(replies[4])
+            if len(replies) > n + 2:
+                self._check_acked(replies[n + 2])
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.redis.srem(keys.tenant_sessions(tenant), sid)
@@ -179,8 +192,10 @@ class Store:
         deadline = time.monotonic() + wait_s
         delay = 0.0005
         while True:
-            deleted = await self.redis.eval(_DELETE, 4, keys.lock(sid), keys.meta(sid),
-                                            keys.tensors(sid), keys.round_(sid))
+            deleted = await self.redis.eval(_DELETE, 7, keys.lock(sid), keys.meta(sid),
+                                            keys.tensors(sid), keys.round_(sid),
+                                            keys.checkpoint(sid), keys.wal(sid),
+                                            keys.wal_index(sid))
             if deleted != -1:
                 break
             if time.monotonic() > deadline:
@@ -201,21 +216,21 @@ class Store:
 
     # ------------------------------------------------------------------ tensors
 
-    async def load(self, sid: str, fields: list[str] | None = None
-                   ) -> tuple[int | None, dict[str, bytes]]:
-        """One consistent snapshot: the version and the asked fields (all tensors if None)."""
-        key = keys.tensors(sid)
-        if fields is None:
-            raw = await self.redis.hgetall(key)
-            out = {k.decode(): v for k, v in raw.items()}
-            v = out.get(keys.VERSION)
-            for f in (*keys.HEAD_FIELDS, keys.NONCE):
-                out.pop(f, None)
-            return (int(v) if v is not None else None), out
-        values = await self.redis.hmget(key, [keys.VERSION, *fields])
-        v = values[0]
-        got = {f: b for f, b in zip(fields, values[1:], strict=True) if b is not None}
-        return (int(v) if v is not None else None), got
+    async def snapshot(self, sid: str) -> Snapshot:
+        """One consistent read (MULTI): the version, its commit nonce, the checkpoint and the
+        steps logged since it (the engine replays them: `Engine.current`)."""
+        tkey = keys.tensors(sid)
+        cmds = [("MULTI",), ("HMGET", tkey, keys.VERSION, keys.NONCE), *wal.read_cmds(sid),
+                ("EXEC",)]
+        replies = await self._on_slot(tkey, cmds)
+        exec_reply = replies[-1]
+        if isinstance(exec_reply, Exception):
+            raise_classified(exec_reply)
+        (raw_v, raw_nonce), entries, raw_ck = exec_reply
+        ck_version, fields = wal.split_checkpoint(raw_ck)
+        return Snapshot(int(raw_v) if raw_v is not None else None,
+                        raw_nonce.decode() if raw_nonce is not None else None,
+                        ck_version, fields, wal.parse_entries(entries))
 
     @asynccontextmanager
     async def step_txn(self, sid: str) -> AsyncIterator[StepTxn]:
@@ -261,6 +276,7 @@ class Store:
 
 _DELETE = """
 if redis.call('exists', KEYS[1]) == 1 then return -1 end
+redis.call('del', KEYS[5], KEYS[6], KEYS[7])
 return redis.call('del', KEYS[2], KEYS[3], KEYS[4])
 """
 

@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 from .. import metrics, tracing
 from ..errors import SessionBusy, StoreConflict
 from ..session import SessionMeta
-from . import keys
+from . import keys, wal
 from .faults import classify, first_refusal, raise_classified
 
 if TYPE_CHECKING:
@@ -73,6 +73,9 @@ class StepTxn:
         self.meta: SessionMeta | None = None
         self.version: int | None = None
         self.nonce: str | None = None  # changes with every commit (see `commit`)
+        self.next_nonce: str | None = None  # the nonce the commit will write (`new_nonce`)
+        self.log_steps = 0
+        self.log_bytes = 0
         self.done = False
         self.locked = False
 
@@ -89,13 +92,15 @@ class StepTxn:
         delay = 0.0005
         started = time.perf_counter()
         while True:
-            got, _, raw_meta, head = await self._batch([
+            got, _, raw_meta, head, log_steps, log_bytes = await self._batch([
                 ("SET", keys.lock(sid), self.token, "NX", "PX", ttl_ms),
                 ("WATCH", keys.tensors(sid)),
                 ("GET", keys.meta(sid)),
                 ("HMGET", keys.tensors(sid), keys.VERSION, keys.NONCE),
+                ("HLEN", keys.wal_index(sid)),
+                ("HGET", keys.checkpoint(sid), keys.LOG_BYTES),
             ])
-            for reply in (got, raw_meta, head):
+            for reply in (got, raw_meta, head, log_steps, log_bytes):
                 if isinstance(reply, Exception):  # e.g. OOM or READONLY: not "lock held"
                     await self._batch([("UNWATCH",)])
                     raise_classified(reply)
@@ -113,6 +118,9 @@ class StepTxn:
         raw_v, raw_nonce = head
         self.version = int(raw_v) if raw_v is not None else None
         self.nonce = raw_nonce.decode() if raw_nonce is not None else None
+        # The log since the checkpoint (a background checkpoint may only shrink it).
+        self.log_steps = int(log_steps)
+        self.log_bytes = int(log_bytes or 0)
 
     async def call(self, *command: Any) -> Any:
         """One command on this transaction's own connection (reads while WATCHing: no second
@@ -122,15 +130,22 @@ class StepTxn:
             raise_classified(reply)
         return reply
 
-    async def commit(self, new: int, fields: Mapping[str, Buffer], *,
+    def new_nonce(self) -> str:
+        """The nonce the coming commit writes (a logged step records it: see store/wal.py)."""
+        self.next_nonce = secrets.token_hex(8)
+        return self.next_nonce
+
+    async def commit(self, new: int, checkpoint: Mapping[str, Buffer] | None = None, *,
+                     log: Sequence[Sequence[Any]] = (),
                      stats: Mapping[str, float | None] | None = None,
                      idempotency_key: str | None = None,
                      idempotency_digest: str | None = None,
                      count_step: bool = True,
-                     delete_fields: Sequence[str] = (),
                      meta: SessionMeta | None = None,
                      extra: Sequence[Sequence[Any]] = ()) -> None:
-        """Write the new version's tensors (and `extra` commands) atomically, then unlock."""
+        """Make version `new` atomically, then unlock: either `log` (a step's write-ahead
+        record) or a `checkpoint` (every tensor's bytes: the log is cleared), with the
+        version, the stats and `extra` commands."""
         sid = self.sid
         tkey = keys.tensors(sid)
         mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
@@ -138,12 +153,12 @@ class StepTxn:
         for name, value in (stats or {}).items():
             if value is not None:
                 mapping += [name, repr(float(value))]
-        delete_fields = [*delete_fields, *unknown]
-        for name, value in fields.items():
-            mapping += [name, value]
-        cmds: list[Sequence[Any]] = [("HSET", tkey, *mapping)]
-        if delete_fields:
-            cmds.append(("HDEL", tkey, *delete_fields))
+        cmds: list[Sequence[Any]] = [*log]
+        if checkpoint is not None:
+            cmds += wal.full_checkpoint_cmds(sid, new, checkpoint)
+        cmds.append(("HSET", tkey, *mapping))
+        if unknown:
+            cmds.append(("HDEL", tkey, *unknown))
         if meta is not None:
             cmds.append(("SET", keys.meta(sid), meta.to_json()))
         if count_step:
@@ -151,7 +166,10 @@ class StepTxn:
         if idempotency_key is not None:
             cmds.append(self.remember(idempotency_key, new, idempotency_digest))
         cmds.extend(extra)
-        await self.execute(cmds)
+        replies = await self.execute(cmds)
+        failed = first_refusal(replies)
+        if failed is not None:  # e.g. XADD out of order: the history is not what we read
+            raise StoreConflict(f"session {sid}: the commit was refused in part: {failed}")
 
     def remember(self, idempotency_key: str, version: int,
                  digest: str | None = None) -> tuple[Any, ...]:
@@ -168,9 +186,10 @@ class StepTxn:
         again, even when the version number did not move (a PATCH).
         """
         sid = self.sid
-        tkey, mkey = keys.tensors(sid), keys.meta(sid)
-        if any(len(c) > 1 and c[1] in (tkey, mkey) for c in cmds):
-            self.nonce = secrets.token_hex(8)
+        written = (keys.tensors(sid), keys.meta(sid), keys.checkpoint(sid), keys.wal(sid))
+        tkey = written[0]
+        if any(len(c) > 1 and c[1] in written for c in cmds):
+            self.nonce = self.next_nonce or secrets.token_hex(8)
             cmds = [*cmds, ("HSET", tkey, keys.NONCE, self.nonce)]
         prefix = keys.idempotency(sid, "")
         records = [c[1] for c in cmds if c[0] == "SET" and str(c[1]).startswith(prefix)]
