@@ -121,17 +121,21 @@ class Checkpoints:
     async def read(self, meta: SessionMeta) -> tuple[int | None, dict[str, Any]]:
         """The current version and every tensor's bytes, for readers without the lock (GET
         params, export, stats): one consistent snapshot, replayed if the log is not empty."""
-        snap = await self.engine.store.snapshot(meta.id)
-        if snap.version is None or snap.ck_version == snap.version:
-            return snap.version, snap.fields
-        try:
-            loaded = await self.engine.offload(
-                self.rebuild, meta, snap.version, snap.ck_version, snap.fields, snap.log,
-                count=len(snap.fields) + len(snap.log),
-                nbytes=lambda: sum(map(len, snap.fields.values())))
-        except wal.LogGap as exc:
-            raise StoreConflict(str(exc)) from exc
-        return snap.version, all_fields(loaded)
+        for attempt in range(5):
+            snap = await self.engine.store.snapshot(meta.id)
+            if snap.version is None or snap.ck_version == snap.version:
+                return snap.version, snap.fields
+            try:
+                loaded = await self.engine.offload(
+                    self.rebuild, meta, snap.version, snap.ck_version, snap.fields, snap.log,
+                    count=len(snap.fields) + len(snap.log),
+                    nbytes=sum(map(len, snap.fields.values())))
+            except wal.LogGap as exc:  # a PUT or a checkpoint landed between the reads
+                if attempt == 4:
+                    raise StoreConflict(str(exc)) from exc
+                continue
+            return snap.version, all_fields(loaded)
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ background
 

@@ -217,16 +217,18 @@ class Store:
     # ------------------------------------------------------------------ tensors
 
     async def snapshot(self, sid: str) -> Snapshot:
-        """One consistent read (MULTI): the version, its commit nonce, the checkpoint and the
-        steps logged since it (the engine replays them: `Engine.current`)."""
+        """The version, its commit nonce, then the log, then the checkpoint, in one batch of
+        reads (no MULTI: Redis refuses those when out of memory, and reads must work then).
+        A write landing between the reads shows as a checkpoint and log that do not make the
+        version read (`wal.LogGap`, the caller reads again); a step landing after the version
+        was read only adds log entries past it, which replay ignores."""
         tkey = keys.tensors(sid)
-        cmds = [("MULTI",), ("HMGET", tkey, keys.VERSION, keys.NONCE), *wal.read_cmds(sid),
-                ("EXEC",)]
+        cmds = [("HMGET", tkey, keys.VERSION, keys.NONCE), *wal.read_cmds(sid)]
         replies = await self._on_slot(tkey, cmds)
-        exec_reply = replies[-1]
-        if isinstance(exec_reply, Exception):
-            raise_classified(exec_reply)
-        (raw_v, raw_nonce), entries, raw_ck = exec_reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise_classified(reply)
+        (raw_v, raw_nonce), entries, raw_ck = replies
         ck_version, fields = wal.split_checkpoint(raw_ck)
         return Snapshot(int(raw_v) if raw_v is not None else None,
                         raw_nonce.decode() if raw_nonce is not None else None,
