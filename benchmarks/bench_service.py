@@ -35,6 +35,8 @@ class Run:
     times: list[float] = field(default_factory=list)
     aof_deltas: list[int] = field(default_factory=list)  # per step, rewrite-free steps only
     forks: int = 0
+    checkpoints: float = 0.0  # full-tensor checkpoints during the run (write-ahead log)
+    replays: float = 0.0  # logged steps replayed (a session rebuilt, not hot)
 
 
 def torch_step_times(n: int, steps: int) -> list[float]:
@@ -58,6 +60,14 @@ def _aof(client: redis.Redis) -> tuple[int | None, int, int]:
     return size, int(info["total_forks"]), int(info.get("aof_base_size", 0))
 
 
+def _counter(conn: http.client.HTTPConnection, name: str) -> float:
+    """The sum of a counter's samples on the server's /metrics (0 when absent)."""
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
 def service_run(server: PrivateServer, n: int, steps: int) -> Run:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
     conn.request("POST", "/v1/sessions", body=json.dumps({"hyperparams": {"lr": 0.01}}),
@@ -72,6 +82,8 @@ def service_run(server: PrivateServer, n: int, steps: int) -> Run:
     grad = wire.encode_safetensors({"w": torch.randn(n)})
     client = server.redis.client()
     run = Run()
+    ckpt0 = _counter(conn, "optserve_checkpoints_total")
+    replay0 = _counter(conn, "optserve_replayed_steps_total")
     before = _aof(client)
     forks0 = before[1]
     for i in range(steps + 3):
@@ -90,6 +102,8 @@ def service_run(server: PrivateServer, n: int, steps: int) -> Run:
                 run.aof_deltas.append(after[0] - before[0])  # type: ignore[operator]
         before = after
     run.forks = before[1] - forks0
+    run.checkpoints = _counter(conn, "optserve_checkpoints_total") - ckpt0
+    run.replays = _counter(conn, "optserve_replayed_steps_total") - replay0
     client.close()
     conn.request("DELETE", f"/v1/sessions/{sid}")
     conn.getresponse().read()
@@ -127,15 +141,17 @@ def main() -> None:
     for line in described:
         print(f"  {line}")
     print("\n| persistence | elements | service p50 (ms) | service p99 (ms) "
-          "| torch step p50 (ms) | ratio | AOF appended per step | forks (AOF rewrites "
-          "or snapshots) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| torch step p50 (ms) | ratio | AOF appended per step (median / mean) "
+          "| forks (AOF rewrites or snapshots) | checkpoints / replayed steps |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode, n, run, l50 in rows:
         s = sorted(run.times)
         s50, s99 = statistics.median(s), s[int(0.99 * (len(s) - 1))]
-        aof = _mb(statistics.median(run.aof_deltas)) if run.aof_deltas else "-"
+        aof = (f"{_mb(statistics.median(run.aof_deltas))} / "
+               f"{_mb(statistics.mean(run.aof_deltas))}") if run.aof_deltas else "-"
         print(f"| {mode} | {n:.0e} | {s50 * 1e3:.2f} | {s99 * 1e3:.2f} | {l50 * 1e3:.3f} "
-              f"| {s50 / l50:.1f}x | {aof} | {run.forks} in {len(s) + 3} steps |")
+              f"| {s50 / l50:.1f}x | {aof} | {run.forks} in {len(s) + 3} steps "
+              f"| {run.checkpoints:.0f} / {run.replays:.0f} |")
     print("\n| persistence | acknowledged steps lost on a Redis crash | on a machine crash |")
     print("|---|---|---|")
     for mode in modes:

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(1024 * 1024 * 1024, ge=0, description="Per-process tensor cache.")
     lock_timeout_s: float = Field(30.0, gt=0, description="Lifetime of a session's step lock.")
     checkpoint_steps: int = Field(
-        16, ge=1, description="Write a session's full tensors (in the background) once this "
+        8, ge=1, description="Write a session's full tensors (in the background) once this "
         "many steps are logged since its last checkpoint; at twice it, the step does."
     )
     checkpoint_bytes: int = Field(
