@@ -268,3 +268,31 @@ def test_put_and_patch_between_logged_steps(make_server) -> None:
         assert r.status_code == 200, r.text
         steps(2)
         assert ref.state_equal(exported(cy, sid))
+
+
+def test_session_stored_before_the_log_is_upgraded(make_server, redis_url: str) -> None:
+    """A session an earlier optserve stored (every tensor in the head hash, no checkpoint)
+    reads and steps as before; its first step writes the checkpoint and moves it out."""
+    x = make_server()
+    ref = Ref(seed=7)
+    r = redis.Redis.from_url(redis_url)
+    with httpx.Client(base_url=x.url, timeout=30) as c:
+        sid = new_session(c, ref)
+        ref.step(grads_for(0))
+        ok_step(c, sid, grads_for(0))
+        state = exported(c, sid)
+        old = {f"p.{n}": state[f"param.{n}"] for n in SHAPES}
+        old |= {f"s.{n[len('state.'):]}": t for n, t in state.items() if n.startswith("state.")}
+        r.delete(keys.checkpoint(sid), keys.wal(sid), keys.wal_index(sid))
+        r.hset(keys.tensors(sid), mapping={f: t.numpy().tobytes() for f, t in old.items()})
+        x.stop()
+    y = make_server()
+    with httpx.Client(base_url=y.url, timeout=30) as c:
+        assert ref.equal(params(c, sid))
+        assert ref.state_equal(exported(c, sid))
+        ref.step(grads_for(1))
+        assert ref.equal(ok_step(c, sid, grads_for(1)))
+        assert int(r.hget(keys.checkpoint(sid), keys.CKPT_VERSION)) == 2
+        assert not [f for f in r.hkeys(keys.tensors(sid)) if f.startswith((b"p.", b"s."))]
+        ref.step(grads_for(2))
+        assert ref.equal(ok_step(c, sid, grads_for(2)))

@@ -109,6 +109,10 @@ class Checkpoints:
                     raise reply
             records = wal.parse_entries(entries)
             ck_version, fields = wal.split_checkpoint(raw_ck)
+            if ck_version is None and not records:  # stored before the log: upgrade it
+                fields = wal.tensor_fields(await txn.call("HGETALL", keys.tensors(meta.id)))
+                if fields:
+                    ck_version, txn.legacy = version, list(fields)
             try:
                 return await self.engine.offload(
                     self.rebuild, meta, version, ck_version, fields, records,
@@ -125,6 +129,9 @@ class Checkpoints:
             snap = await self.engine.store.snapshot(meta.id)
             if snap.version is None or snap.ck_version == snap.version:
                 return snap.version, snap.fields
+            if snap.ck_version is None and not snap.log:  # stored before the log
+                raw = await self.engine.store.redis.hgetall(keys.tensors(meta.id))
+                return snap.version, wal.tensor_fields(raw)
             try:
                 loaded = await self.engine.offload(
                     self.rebuild, meta, snap.version, snap.ck_version, snap.fields, snap.log,

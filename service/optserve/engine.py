@@ -272,7 +272,8 @@ class Engine:
             sid, new_version, txn.new_nonce(), grads, (new_meta or meta).hyperparams,
             fresh_momentum=bool(stale), device_type=self.device_type)
         steps, nbytes_ = txn.log_steps + 1, txn.log_bytes + logged
-        sync_checkpoint = self.checkpoints.overdue(steps, nbytes_)
+        # A session stored before the log (`txn.legacy`) gets its first checkpoint now.
+        sync_checkpoint = txn.legacy is not None or self.checkpoints.overdue(steps, nbytes_)
         await txn.commit(
             new_version, all_fields(loaded) if sync_checkpoint else None,
             log=() if sync_checkpoint else log_cmds, stats=stats,

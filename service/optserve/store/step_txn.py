@@ -76,6 +76,7 @@ class StepTxn:
         self.next_nonce: str | None = None  # the nonce the commit will write (`new_nonce`)
         self.log_steps = 0
         self.log_bytes = 0
+        self.legacy: list[str] | None = None  # tensor fields still in the head hash
         self.done = False
         self.locked = False
 
@@ -156,6 +157,8 @@ class StepTxn:
         cmds: list[Sequence[Any]] = [*log]
         if checkpoint is not None:
             cmds += wal.full_checkpoint_cmds(sid, new, checkpoint)
+            if self.legacy:  # the session was stored before the log: move it out
+                cmds.append(("HDEL", tkey, *self.legacy))
         cmds.append(("HSET", tkey, *mapping))
         if unknown:
             cmds.append(("HDEL", tkey, *unknown))

@@ -105,6 +105,14 @@ def split_checkpoint(raw: Any) -> tuple[int | None, dict[str, bytes]]:
     return (int(k) if k is not None else None), fields
 
 
+def tensor_fields(raw: Any) -> dict[str, bytes]:
+    """The tensor fields of a session stored before the log (all in the ``keys.tensors``
+    hash, at its version): read as a checkpoint at that version until the first write."""
+    if not isinstance(raw, dict):
+        raw = dict(zip(raw[::2], raw[1::2], strict=True))
+    return {k.decode(): v for k, v in raw.items() if keys.parse_field(k.decode()) is not None}
+
+
 def replay_plan(sid: str, version: int, ck_version: int | None,
                 records: list[Record]) -> list[Record]:
     """The logged steps to apply to the checkpoint to reach `version` (checked complete)."""
