@@ -78,12 +78,13 @@ class Checkpoints:
         opt = optim.get_optimizer(meta.optimizer)
         replayed = 0
         for record in todo:
-            if record.device_type != engine.device_type:
+            if (record.device_type, record.kernel) != (engine.device_type, engine.kernel):
                 raise StoreConflict(
-                    f"session {meta.id}: its log was written on {record.device_type}, this "
-                    f"process computes on {engine.device_type} (replay would not be bitwise "
-                    "equal); serve it from a process of that device type, or after a "
-                    "checkpoint")
+                    f"session {meta.id}: its log was written on {record.device_type} with "
+                    f"the {record.kernel} kernel, this process computes on "
+                    f"{engine.device_type} with the {engine.kernel} kernel (replay would not "
+                    "be bitwise equal); serve it from a process like the one that logged it, "
+                    "or after a checkpoint")
             if record.fresh_momentum:  # as `update.momentum_switched_on` did live
                 for st in loaded.state.values():
                     st.pop("momentum_buffer", None)

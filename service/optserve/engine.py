@@ -270,7 +270,8 @@ class Engine:
         loaded.version = new_version
         log_cmds, logged = wal.log_cmds(
             sid, new_version, txn.new_nonce(), grads, (new_meta or meta).hyperparams,
-            fresh_momentum=bool(stale), device_type=self.device_type)
+            fresh_momentum=bool(stale), device_type=self.device_type,
+            kernel=self.kernel)
         steps, nbytes_ = txn.log_steps + 1, txn.log_bytes + logged
         # A session stored before the log (`txn.legacy`) gets its first checkpoint now.
         sync_checkpoint = txn.legacy is not None or self.checkpoints.overdue(steps, nbytes_)

@@ -34,6 +34,7 @@ class Record:
     hyperparams: dict[str, Any]
     fresh_momentum: bool
     device_type: str
+    kernel: str = "exact"
 
 
 def _wire(t: WireTensor | torch.Tensor) -> WireTensor:
@@ -44,13 +45,14 @@ def _wire(t: WireTensor | torch.Tensor) -> WireTensor:
 
 def log_cmds(sid: str, version: int, nonce: str, grads: Mapping[str, WireTensor | torch.Tensor],
              hyperparams: Mapping[str, Any], *, fresh_momentum: bool,
-             device_type: str) -> tuple[list[tuple[Any, ...]], int]:
+             device_type: str, kernel: str = "exact") -> tuple[list[tuple[Any, ...]], int]:
     """The commands that log one step (to run inside the step's MULTI), and its bytes.
 
     Gradients go in as the buffers they arrived in (memoryview slices of the request body,
     or a sync round's mean tensor's memory): no copy before the socket."""
     wires = {n: _wire(g) for n, g in grads.items()}
     header = json.dumps({"hp": dict(hyperparams), "fm": fresh_momentum, "dev": device_type,
+                         "k": kernel,
                          "g": [[n, w.dtype, list(w.shape)] for n, w in wires.items()]})
     size = sum(w.data.nbytes for w in wires.values())
     fields: list[Any] = ["h", header]
@@ -73,7 +75,7 @@ def parse_entries(raw: Sequence[Any]) -> list[Record]:
         grads = {name: WireTensor(dtype, tuple(shape), memoryview(fields[f"g{i}".encode()]))
                  for i, (name, dtype, shape) in enumerate(header["g"])}
         out.append(Record(int(entry_id.split(b"-")[0]), grads, header["hp"],
-                          bool(header["fm"]), header["dev"]))
+                          bool(header["fm"]), header["dev"], header.get("k", "exact")))
     return out
 
 
