@@ -7,8 +7,10 @@ Starts its own redis-server (configured as deploy/redis.conf: append-only, fsync
 second, unless --persistence says otherwise) and `optserve serve`, then times
 `POST /v1/sessions/{id}/step` (safetensors both ways, parameters returned) against
 `torch.optim.RMSprop.step()` on the same data in this process, and prints a Markdown table
-with the persistence it ran with, the bytes each step appends to the append-only file and
-how many times Redis forked to rewrite it (or to snapshot) during the run.
+with the persistence it ran with, the bytes each step appends to the append-only file (the
+median step: its write-ahead record; the mean: with the background checkpoints), how many
+times Redis forked to rewrite it (or to snapshot) and how many checkpoints and replayed
+steps the server's /metrics counted during the run.
 """
 
 from __future__ import annotations

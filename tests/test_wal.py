@@ -296,3 +296,22 @@ def test_session_stored_before_the_log_is_upgraded(make_server, redis_url: str) 
         assert not [f for f in r.hkeys(keys.tensors(sid)) if f.startswith((b"p.", b"s."))]
         ref.step(grads_for(2))
         assert ref.equal(ok_step(c, sid, grads_for(2)))
+
+
+def test_replica_of_another_kernel_refuses_to_replay_until_a_checkpoint(make_server) -> None:
+    """The log records the device type and kernel that made each step: a process that would
+    not reproduce those bits refuses (retryable) rather than serve other bits; a checkpoint
+    (here an empty PATCH from the logging process) makes the session servable there."""
+    x, y = make_server(checkpoint_steps=100), make_server(kernel="compiled")
+    ref = Ref(seed=8)
+    with httpx.Client(base_url=x.url, timeout=60) as cx, \
+            httpx.Client(base_url=y.url, timeout=60) as cy:
+        sid = new_session(cx, ref)
+        for i in range(2):
+            ref.step(grads_for(i))
+            ok_step(cx, sid, grads_for(i))
+        r = step(cy, sid, grads_for(2))
+        assert r.status_code == 503 and r.json()["code"] == "session_busy", r.text
+        assert cx.patch(f"/v1/sessions/{sid}", json={}).status_code == 200
+        assert ref.equal(params(cy, sid))  # the checkpoint: nothing left to replay
+        assert step(cy, sid, grads_for(2)).status_code == 200

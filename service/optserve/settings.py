@@ -76,8 +76,8 @@ class Settings(BaseSettings):
         "many steps are logged since its last checkpoint; at twice it, the step does."
     )
     checkpoint_bytes: int = Field(
-        256 * 1024 * 1024, ge=1, description="... or once the logged gradients reach this "
-        "many bytes (twice it: synchronously). Bounds Redis memory per session (README)."
+        256 * 1024 * 1024, ge=1, description="Also checkpoint once the logged gradients "
+        "reach this many bytes (twice it: synchronously). Bounds Redis memory per session."
     )
     redis_timeout_s: float = Field(5.0, gt=0)
     redis_max_connections: int = Field(
