@@ -16,6 +16,7 @@ from . import __version__, logs, metrics, startup, tracing
 from .api import openapi, ops, problems, sessions, tensors
 from .api.bodies import BodyBudget, BodyLimits
 from .api.observability import ObservabilityMiddleware
+from .api.step_path import StepFastPath
 from .engine import Engine
 from .rounds import SyncRounds
 from .sessions import Sessions
@@ -67,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="RMSprop, AdaGrad and SGD as a service, exactly as torch.optim computes them.",
         lifespan=lifespan,
     )
+    # Innermost: inside the ErrorBoundary that problems.install adds, like a route.
+    app.add_middleware(StepFastPath, root=app)
     problems.install(app)  # domain errors (SessionBusy, StoreConflict, ...) included
     app.include_router(ops.router)
     app.include_router(sessions.router)
