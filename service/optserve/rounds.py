@@ -72,6 +72,13 @@ class SyncRounds:
         # Field names must not depend on what clients put in keys (tensor names hold dots).
         cid = (hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
                if idempotency_key is not None else secrets.token_hex(16))
+        mine = Contribution(weight, idempotency_key, grads, request_digest)
+        if not hyperparams:
+            joined = await self._join_unlocked(meta, mine, cid, base_version, if_match,
+                                               bad_header)
+            if joined is not None:
+                return await self._wait(meta, joined[0].token, joined[0].deadline, joined[1],
+                                        encode)
         for _ in range(3):  # at most: settle an expired round, then join the next one
             async with self.store.step_txn(sid) as txn:
                 meta, version = self._checks(txn, base_version, if_match)
@@ -109,7 +116,6 @@ class SyncRounds:
                     head = RoundHead.open(version, meta.sync)
                 hp = await self._round_hyperparams(txn, meta, head, hyperparams)
                 token = head.token
-                mine = Contribution(weight, idempotency_key, grads, request_digest)
                 fut = self.notifier.future(token)
                 try:
                     if head.mine:  # a retry of a contribution already in this round
@@ -122,17 +128,55 @@ class SyncRounds:
                         return await self._close(txn, meta, version, token, encode,
                                                  pending=(cid, mine), before=cmds, hp=hp,
                                                  head=head)
-                    else:
-                        await txn.execute([*cmds, *stored.add_cmds(
-                            meta, head, cid, mine, hp if head.hp is None else None)])
-                        if head.new:
-                            metrics.ROUNDS.labels("opened").inc()
+                    elif head.new:
+                        await txn.execute([*cmds, *stored.add_cmds(meta, head, cid, mine, hp)])
+                        metrics.ROUNDS.labels("opened").inc()
+                    else:  # joined as joins without the lock are, which it may race
+                        joined = await txn.call(*stored.join_cmd(
+                            meta, head, cid, mine, None, hp if head.hp is None else None))
+                        await txn.finish()
+                        if joined != b"ok":  # filled meanwhile: close it (or replay)
+                            self.notifier.forget(token, fut)
+                            continue
                 except BaseException:
                     self.notifier.forget(token, fut)
                     raise
             return await self._wait(meta, token, head.deadline, fut, encode)
         raise DomainError("session_busy", "the session's round kept changing; retry",
                           retry_after=1)
+
+    async def _join_unlocked(self, meta: SessionMeta, mine: Contribution, cid: str,
+                             base_version: int | None, if_match: int | None,
+                             bad_header: DomainError | None
+                             ) -> tuple[RoundHead, asyncio.Future[None]] | None:
+        """Join the open round without the session lock (one read, one atomic EVAL), with
+        the locked path's checks in its order; None where only the locked path can go on
+        (no round or an expired one, a retry, a round this one would fill or close...)."""
+        snap = await stored.snapshot(self.store, meta.id, cid, mine.idem)
+        if snap.meta is None or snap.nonce is None or snap.replayed:
+            return None
+        meta, version = self._checks(snap, base_version, if_match)  # type: ignore[arg-type]
+        if bad_header is not None:
+            raise bad_header
+        check_tensors(meta.tensors, mine.grads, what="gradient", require_all=False,
+                      dtypes=FLOAT_DTYPES)
+        check_finite_as_params(mine.grads, meta.tensors)
+        head = snap.head
+        if (head is None or head.v != version or head.sealed or head.mine
+                or head.deadline <= time.time()
+                or head.rule.full(head.n + 1, head.weight + mine.weight)):
+            return None
+        fut = self.notifier.future(head.token)
+        try:
+            (joined,) = await self.store._on_slot(keys.round_(meta.id), [stored.join_cmd(
+                meta, head, cid, mine, snap.nonce)])
+        except BaseException:
+            self.notifier.forget(head.token, fut)
+            raise
+        if joined != b"ok":
+            self.notifier.forget(head.token, fut)
+            return None
+        return head, fut
 
     @staticmethod
     async def _round_hyperparams(txn: StepTxn, meta: SessionMeta, head: RoundHead,
