@@ -73,12 +73,14 @@ class SyncRounds:
         cid = (hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
                if idempotency_key is not None else secrets.token_hex(16))
         mine = Contribution(weight, idempotency_key, grads, request_digest)
-        if not hyperparams:
+        for _ in range(3 if not hyperparams else 0):  # another opened the round: join it
             joined = await self._join_unlocked(meta, mine, cid, base_version, if_match,
                                                bad_header)
-            if joined is not None:
+            if isinstance(joined, tuple):
                 return await self._wait(meta, joined[0].token, joined[0].deadline, joined[1],
                                         encode)
+            if not joined:
+                break
         for _ in range(3):  # at most: settle an expired round, then join the next one
             async with self.store.step_txn(sid) as txn:
                 meta, version = self._checks(txn, base_version, if_match)
@@ -128,16 +130,18 @@ class SyncRounds:
                         return await self._close(txn, meta, version, token, encode,
                                                  pending=(cid, mine), before=cmds, hp=hp,
                                                  head=head)
-                    elif head.new:
+                    elif cmds:  # replaces a superseded round (no join can race it)
                         await txn.execute([*cmds, *stored.add_cmds(meta, head, cid, mine, hp)])
                         metrics.ROUNDS.labels("opened").inc()
-                    else:  # joined as joins without the lock are, which it may race
+                    else:  # as joins without the lock do, which it may race
                         joined = await txn.call(*stored.join_cmd(
                             meta, head, cid, mine, None, hp if head.hp is None else None))
                         await txn.finish()
-                        if joined != b"ok":  # filled meanwhile: close it (or replay)
+                        if joined != b"ok":  # opened or filled meanwhile: join or close
                             self.notifier.forget(token, fut)
                             continue
+                        if head.new:
+                            metrics.ROUNDS.labels("opened").inc()
                 except BaseException:
                     self.notifier.forget(token, fut)
                     raise
@@ -148,24 +152,24 @@ class SyncRounds:
     async def _join_unlocked(self, meta: SessionMeta, mine: Contribution, cid: str,
                              base_version: int | None, if_match: int | None,
                              bad_header: DomainError | None
-                             ) -> tuple[RoundHead, asyncio.Future[None]] | None:
-        """Join the open round without the session lock (one read, one atomic EVAL), with
-        the locked path's checks in its order; None where only the locked path can go on
-        (no round or an expired one, a retry, a round this one would fill or close...)."""
+                             ) -> tuple[RoundHead, asyncio.Future[None]] | bool:
+        """Join the open round (or open it) without the session lock: one read, one atomic
+        EVAL, the locked path's checks in its order. False where only the locked path can go
+        on (an expired round, a retry, a round this one would fill...); True: try again
+        (another opened the round, or a commit landed, since the read)."""
         snap = await stored.snapshot(self.store, meta.id, cid, mine.idem)
         if snap.meta is None or snap.nonce is None or snap.replayed:
-            return None
+            return False
         meta, version = self._checks(snap, base_version, if_match)  # type: ignore[arg-type]
         if bad_header is not None:
             raise bad_header
         check_tensors(meta.tensors, mine.grads, what="gradient", require_all=False,
                       dtypes=FLOAT_DTYPES)
         check_finite_as_params(mine.grads, meta.tensors)
-        head = snap.head
-        if (head is None or head.v != version or head.sealed or head.mine
-                or head.deadline <= time.time()
+        head = snap.head or RoundHead.open(version, meta.sync)  # type: ignore[arg-type]
+        if (head.v != version or head.sealed or head.mine or head.deadline <= time.time()
                 or head.rule.full(head.n + 1, head.weight + mine.weight)):
-            return None
+            return False
         fut = self.notifier.future(head.token)
         try:
             (joined,) = await self.store._on_slot(keys.round_(meta.id), [stored.join_cmd(
@@ -175,7 +179,9 @@ class SyncRounds:
             raise
         if joined != b"ok":
             self.notifier.forget(head.token, fut)
-            return None
+            return joined in (b"changed", b"moved")
+        if head.new:
+            metrics.ROUNDS.labels("opened").inc()
         return head, fut
 
     @staticmethod

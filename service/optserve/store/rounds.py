@@ -118,8 +118,9 @@ async def snapshot(store: Store, sid: str, cid: str, idem: str | None) -> Snapsh
                     idem is not None and bool(done))
 
 
-# Joins the open round atomically: the round must still be the one read (same token; not
-# sealed by its closer, unless the caller holds the lock), the commit still the one read
+# Joins the open round atomically (or opens it, when none is open): the round must still
+# be the one read (same token; not sealed by its closer, unless the caller holds the
+# lock), the commit still the one read
 # (nonce; '' skips: the caller holds the lock), the contribution not in it yet nor its key
 # done; a contribution that would fill the round is refused ('full': the locked path
 # closes it). Thresholds come pre-scaled (SyncSpec.full); weights are summed in doubles and
@@ -128,14 +129,16 @@ _JOIN = f"""
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], '{keys.NONCE}') ~= ARGV[1] then
   return 'moved' end
 local h = redis.call('HMGET', KEYS[2], 'token', 'n', 'wsum', 'sealed', ARGV[3])
-if h[1] ~= ARGV[2] or (h[4] and ARGV[1] ~= '') then return 'changed' end
+if ARGV[9] == '1' then
+  if h[1] then return 'changed' end
+elseif h[1] ~= ARGV[2] or (h[4] and ARGV[1] ~= '') then return 'changed' end
 if h[5] then return 'mine' end
 if ARGV[8] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 'done' end
 local n = tonumber(h[2] or '0') + 1
 local w = tonumber(h[3] or '0') + tonumber(ARGV[6])
 if (ARGV[4] ~= '' and n >= tonumber(ARGV[4])) or (ARGV[5] ~= '' and w >= tonumber(ARGV[5]))
   then return 'full' end
-for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], 'wsum', string.format('%.17g', w))
 redis.call('HINCRBY', KEYS[2], 'n', 1)
 redis.call('EXPIRE', KEYS[2], ARGV[7])
@@ -149,17 +152,25 @@ def _threshold(value: float | None) -> str:
 
 def join_cmd(meta: SessionMeta, head: RoundHead, cid: str, c: Contribution,
              nonce: str | None, hp: Mapping[str, Any] | None = None) -> Command:
-    """The EVAL that adds `c` to the open round `head` without taking the session lock;
-    it answers 'ok', or why not: 'moved', 'changed', 'mine', 'done' or 'full'."""
+    """The EVAL that adds `c` to the open round `head` (opens it, if `head` is new) without
+    the session lock; it answers 'ok', or why not: 'moved', 'changed', 'mine', 'done' or
+    'full'. `nonce`: the commit the caller's checks read (None: it holds the lock)."""
     sid = meta.id
     idem = keys.idempotency(sid, c.idem) if c.idem is not None else keys.round_(sid)
     fields = _contribution_fields(cid, c)
+    if head.new:
+        fields += _open_fields(head)
     if hp is not None:
         fields += ["hp", json.dumps(dict(hp))]
     return ("EVAL", _JOIN, 3, keys.tensors(sid), keys.round_(sid), idem, nonce or "",
             head.token, f"w.{cid}", _threshold(head.rule.contributions),
             _threshold(head.rule.target_weight), repr(c.weight), ttl(meta, head),
-            "1" if c.idem is not None else "0", *fields)
+            "1" if c.idem is not None else "0", "1" if head.new else "0", *fields)
+
+
+def _open_fields(head: RoundHead) -> list[Any]:
+    return ["token", head.token, "v", str(head.v), "deadline", repr(head.deadline),
+            "rule", json.dumps(head.rule.to_json())]
 
 
 def _contribution_fields(cid: str, c: Contribution) -> list[Any]:
@@ -178,8 +189,7 @@ def add_cmds(meta: SessionMeta, head: RoundHead, cid: str, c: Contribution,
     rkey = keys.round_(meta.id)
     fields = _contribution_fields(cid, c)
     if head.new:
-        fields += ["token", head.token, "v", str(head.v), "deadline", repr(head.deadline),
-                   "rule", json.dumps(head.rule.to_json())]
+        fields += _open_fields(head)
     if hp is not None:
         fields += ["hp", json.dumps(dict(hp))]
     # Opening (the lock held, no token to join yet): the total is this one's weight.
