@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from . import __version__, logs, metrics, startup, tracing
 from .api import openapi, ops, problems, sessions, tensors
 from .api.bodies import BodyBudget, BodyLimits
+from .api.body_pool import BodyPool
 from .api.observability import ObservabilityMiddleware
 from .api.step_path import StepFastPath
 from .engine import Engine
@@ -26,6 +27,7 @@ from .store.clients import close_client, make_client
 from .store.redis_store import Store
 
 log = logging.getLogger("optserve")
+POOL_BYTES = 64 * 1024 * 1024
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -75,6 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(tensors.router)
     app.state.body_budget = BodyBudget(settings.max_inflight_body_bytes)
+    # Kept between requests (a cache of mapped pages): a quarter of the budget, <= 64 MiB.
+    app.state.body_pool = BodyPool(min(POOL_BYTES, settings.max_inflight_body_bytes // 4))
     app.add_middleware(BodyLimits, budget=app.state.body_budget,
                        timeout_s=settings.body_timeout_s)
     app.add_middleware(ObservabilityMiddleware, settings=settings)
