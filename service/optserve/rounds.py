@@ -76,9 +76,9 @@ class SyncRounds:
         for _ in range(3 if not hyperparams else 0):  # another opened the round: join it
             joined = await self._join_unlocked(meta, mine, cid, base_version, if_match,
                                                bad_header)
-            if isinstance(joined, tuple):
-                return await self._wait(meta, joined[0].token, joined[0].deadline, joined[1],
-                                        encode)
+            if isinstance(joined, tuple):  # the document as read with the round
+                head, fut, meta = joined
+                return await self._wait(meta, head.token, head.deadline, fut, encode)
             if not joined:
                 break
         for _ in range(3):  # at most: settle an expired round, then join the next one
@@ -152,7 +152,7 @@ class SyncRounds:
     async def _join_unlocked(self, meta: SessionMeta, mine: Contribution, cid: str,
                              base_version: int | None, if_match: int | None,
                              bad_header: DomainError | None
-                             ) -> tuple[RoundHead, asyncio.Future[None]] | bool:
+                             ) -> tuple[RoundHead, asyncio.Future[None], SessionMeta] | bool:
         """Join the open round (or open it) without the session lock: one read, one atomic
         EVAL, the locked path's checks in its order. False where only the locked path can go
         on (an expired round, a retry, a round this one would fill...); True: try again
@@ -182,7 +182,7 @@ class SyncRounds:
             return joined in (b"changed", b"moved")
         if head.new:
             metrics.ROUNDS.labels("opened").inc()
-        return head, fut
+        return head, fut, meta
 
     @staticmethod
     async def _round_hyperparams(txn: StepTxn, meta: SessionMeta, head: RoundHead,

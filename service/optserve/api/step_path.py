@@ -78,7 +78,7 @@ class StepFastPath:
             settings = state.settings
             tenant = await deps.tenant(request, settings)
             meta = self.known.get(sid)
-            if meta is None or meta.tenant != tenant or _has_key(scope):
+            if meta is None or meta.tenant != tenant:
                 meta = await deps.session_meta(sid, tenant, state.store)
                 self._remember(meta)
                 response = await tensors.run_step(request, meta, state.engine,
@@ -100,11 +100,6 @@ class StepFastPath:
             if cls in handlers:
                 return handlers[cls]
         return None
-
-
-def _has_key(scope: Scope) -> bool:
-    """An Idempotency-Key: a replay reads the session before the lock, so it is read fresh."""
-    return any(name == b"idempotency-key" for name, _ in scope["headers"])
 
 
 def _session_of(scope: Scope) -> str | None:
