@@ -6,7 +6,8 @@ one process apply it. Waiters are woken through Redis pub/sub, with a once-a-sec
 the round's outcome key as a safety net; at the deadline any waiter closes the round (with at
 least ``min_contributions`` or ``min_weight``) or fails it, so a worker that dies mid-round
 hangs nobody. A round closes when it has ``contributions`` or its weights add up to
-``target_weight`` (whichever comes first), by the settings it opened with.
+``target_weight`` (whichever comes first), by the settings it opened with. Contributions
+open and join a round without the lock (`round_join`); only its close takes it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .checks import (
 )
 from .engine import Encoder, Engine, StepOutcome
 from .errors import Busy, DomainError
+from .round_join import join_unlocked
 from .round_notifier import RoundNotifier
 from .session import SessionMeta
 from .store import keys
@@ -74,8 +76,8 @@ class SyncRounds:
                if idempotency_key is not None else secrets.token_hex(16))
         mine = Contribution(weight, idempotency_key, grads, request_digest)
         for _ in range(3 if not hyperparams else 0):  # another opened the round: join it
-            joined = await self._join_unlocked(meta, mine, cid, base_version, if_match,
-                                               bad_header)
+            joined = await join_unlocked(self, meta, mine, cid, base_version, if_match,
+                                         bad_header)
             if isinstance(joined, tuple):  # the document as read with the round
                 head, fut, meta = joined
                 return await self._wait(meta, head.token, head.deadline, fut, encode)
@@ -148,41 +150,6 @@ class SyncRounds:
             return await self._wait(meta, token, head.deadline, fut, encode)
         raise DomainError("session_busy", "the session's round kept changing; retry",
                           retry_after=1)
-
-    async def _join_unlocked(self, meta: SessionMeta, mine: Contribution, cid: str,
-                             base_version: int | None, if_match: int | None,
-                             bad_header: DomainError | None
-                             ) -> tuple[RoundHead, asyncio.Future[None], SessionMeta] | bool:
-        """Join the open round (or open it) without the session lock: one read, one atomic
-        EVAL, the locked path's checks in its order. False where only the locked path can go
-        on (an expired round, a retry, a round this one would fill...); True: try again
-        (another opened the round, or a commit landed, since the read)."""
-        snap = await stored.snapshot(self.store, meta.id, cid, mine.idem)
-        if snap.meta is None or snap.nonce is None or snap.replayed:
-            return False
-        meta, version = self._checks(snap, base_version, if_match)  # type: ignore[arg-type]
-        if bad_header is not None:
-            raise bad_header
-        check_tensors(meta.tensors, mine.grads, what="gradient", require_all=False,
-                      dtypes=FLOAT_DTYPES)
-        check_finite_as_params(mine.grads, meta.tensors)
-        head = snap.head or RoundHead.open(version, meta.sync)  # type: ignore[arg-type]
-        if (head.v != version or head.sealed or head.mine or head.deadline <= time.time()
-                or head.rule.full(head.n + 1, head.weight + mine.weight)):
-            return False
-        fut = self.notifier.future(head.token)
-        try:
-            (joined,) = await self.store._on_slot(keys.round_(meta.id), [stored.join_cmd(
-                meta, head, cid, mine, snap.nonce)])
-        except BaseException:
-            self.notifier.forget(head.token, fut)
-            raise
-        if joined != b"ok":
-            self.notifier.forget(head.token, fut)
-            return joined in (b"changed", b"moved")
-        if head.new:
-            metrics.ROUNDS.labels("opened").inc()
-        return head, fut, meta
 
     @staticmethod
     async def _round_hyperparams(txn: StepTxn, meta: SessionMeta, head: RoundHead,
