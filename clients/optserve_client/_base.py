@@ -18,10 +18,11 @@ from urllib.parse import urlencode
 
 from ._codec import safetensors_parts as safetensors_parts
 from ._codec import wire_ready as wire_ready
-from ._requests import Call, Format, RequestBuilder, check_format
+from ._requests import Call, Format, RequestBuilder, check_format, session_of
 from ._retry import RetryPolicy, Tries
 from ._retry import parse_retry_after as parse_retry_after
 from ._transport import RawRequest, Timeout
+from .spec import SESSION_HEADER
 
 __version__ = "0.1.0"
 
@@ -133,6 +134,9 @@ class BaseClient(RequestBuilder):
             headers["Authorization"] = f"Bearer {self.api_key}"
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
+        sid = session_of(call.path)
+        if sid is not None:
+            headers[SESSION_HEADER] = sid
         headers.update(call.headers)
         if isinstance(call.body, list):
             headers["Content-Length"] = str(sum(len(p) for p in call.body))

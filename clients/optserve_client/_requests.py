@@ -277,3 +277,14 @@ def _require_version(resp: RawResponse) -> int:
         raise APIResponseValidationError("response carries no X-Optserve-Version or ETag")
     return v
 
+
+_SESSIONS = "/v1/sessions/"
+
+
+def session_of(path: str) -> str | None:
+    """The session a request path is about (as quoted in the path), for the affinity header
+    (`spec.SESSION_HEADER`); None for requests about no one session."""
+    if not path.startswith(_SESSIONS):
+        return None
+    sid = path[len(_SESSIONS):].split("/", 1)[0].split("?", 1)[0]
+    return sid or None

@@ -28,6 +28,10 @@ TORCH_DEFAULTS: Final[dict[str, dict[str, Any]]] = {
 KERNEL_OPTIONS: Final = ("foreach", "fused", "capturable", "differentiable")
 """torch's implementation-selection options: they choose how torch computes, not what."""
 
+SESSION_HEADER: Final = "X-Optserve-Session"
+"""Sent by the SDK on every request about one session (its id): a proxy may hash it to keep
+a session on one replica (deploy/Caddyfile does). The server never needs it."""
+
 TORCH_KERNEL_OPTIONS: Final[dict[str, tuple[str, ...]]] = {
     # The kernel options each torch.optim constructor takes (torch 2.13's signatures).
     "rmsprop": ("foreach", "capturable", "differentiable"),

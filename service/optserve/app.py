@@ -15,7 +15,9 @@ from fastapi import FastAPI
 from . import __version__, logs, metrics, startup, tracing
 from .api import openapi, ops, problems, sessions, tensors
 from .api.bodies import BodyBudget, BodyLimits
+from .api.body_pool import BodyPool
 from .api.observability import ObservabilityMiddleware
+from .api.step_path import StepFastPath
 from .engine import Engine
 from .rounds import SyncRounds
 from .sessions import Sessions
@@ -25,6 +27,7 @@ from .store.clients import close_client, make_client
 from .store.redis_store import Store
 
 log = logging.getLogger("optserve")
+POOL_BYTES = 64 * 1024 * 1024
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,11 +70,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="RMSprop, AdaGrad and SGD as a service, exactly as torch.optim computes them.",
         lifespan=lifespan,
     )
+    # Innermost: inside the ErrorBoundary that problems.install adds, like a route.
+    app.add_middleware(StepFastPath, root=app)
     problems.install(app)  # domain errors (SessionBusy, StoreConflict, ...) included
     app.include_router(ops.router)
     app.include_router(sessions.router)
     app.include_router(tensors.router)
     app.state.body_budget = BodyBudget(settings.max_inflight_body_bytes)
+    # Kept between requests (a cache of mapped pages): a quarter of the budget, <= 64 MiB.
+    app.state.body_pool = BodyPool(min(POOL_BYTES, settings.max_inflight_body_bytes // 4))
     app.add_middleware(BodyLimits, budget=app.state.body_budget,
                        timeout_s=settings.body_timeout_s)
     app.add_middleware(ObservabilityMiddleware, settings=settings)

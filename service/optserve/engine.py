@@ -216,8 +216,11 @@ class Engine:
             return None
         check_same_request(record.get("digest"), digest)
         body = None
-        if encode is not None:
-            _, body = await self.encode_params(meta, encode)
+        if encode is not None:  # today's declared tensors (`meta` may be a cached copy)
+            fresh = await self.store.get_meta(meta.id)
+            if fresh is None:
+                raise DomainError("session_not_found", f"no session {meta.id!r}")
+            _, body = await self.encode_params(fresh, encode)
         return StepOutcome(int(record["version"]), body, replayed=True)
 
     async def encode_params(self, meta: SessionMeta, encode: Encoder) -> tuple[int | None, Body]:

@@ -6,7 +6,8 @@ one process apply it. Waiters are woken through Redis pub/sub, with a once-a-sec
 the round's outcome key as a safety net; at the deadline any waiter closes the round (with at
 least ``min_contributions`` or ``min_weight``) or fails it, so a worker that dies mid-round
 hangs nobody. A round closes when it has ``contributions`` or its weights add up to
-``target_weight`` (whichever comes first), by the settings it opened with.
+``target_weight`` (whichever comes first), by the settings it opened with. Contributions
+open and join a round without the lock (`round_join`); only its close takes it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .checks import (
 )
 from .engine import Encoder, Engine, StepOutcome
 from .errors import Busy, DomainError
+from .round_join import join_unlocked
 from .round_notifier import RoundNotifier
 from .session import SessionMeta
 from .store import keys
@@ -72,6 +74,15 @@ class SyncRounds:
         # Field names must not depend on what clients put in keys (tensor names hold dots).
         cid = (hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
                if idempotency_key is not None else secrets.token_hex(16))
+        mine = Contribution(weight, idempotency_key, grads, request_digest)
+        for _ in range(3 if not hyperparams else 0):  # another opened the round: join it
+            joined = await join_unlocked(self, meta, mine, cid, base_version, if_match,
+                                         bad_header)
+            if isinstance(joined, tuple):  # the document as read with the round
+                head, fut, meta = joined
+                return await self._wait(meta, head.token, head.deadline, fut, encode)
+            if not joined:
+                break
         for _ in range(3):  # at most: settle an expired round, then join the next one
             async with self.store.step_txn(sid) as txn:
                 meta, version = self._checks(txn, base_version, if_match)
@@ -109,7 +120,6 @@ class SyncRounds:
                     head = RoundHead.open(version, meta.sync)
                 hp = await self._round_hyperparams(txn, meta, head, hyperparams)
                 token = head.token
-                mine = Contribution(weight, idempotency_key, grads, request_digest)
                 fut = self.notifier.future(token)
                 try:
                     if head.mine:  # a retry of a contribution already in this round
@@ -122,9 +132,16 @@ class SyncRounds:
                         return await self._close(txn, meta, version, token, encode,
                                                  pending=(cid, mine), before=cmds, hp=hp,
                                                  head=head)
-                    else:
-                        await txn.execute([*cmds, *stored.add_cmds(
-                            meta, head, cid, mine, hp if head.hp is None else None)])
+                    elif cmds:  # replaces a superseded round (no join can race it)
+                        await txn.execute([*cmds, *stored.add_cmds(meta, head, cid, mine, hp)])
+                        metrics.ROUNDS.labels("opened").inc()
+                    else:  # as joins without the lock do, which it may race
+                        joined = await txn.call(*stored.join_cmd(
+                            meta, head, cid, mine, None, hp if head.hp is None else None))
+                        await txn.finish()
+                        if joined != b"ok":  # opened or filled meanwhile: join or close
+                            self.notifier.forget(token, fut)
+                            continue
                         if head.new:
                             metrics.ROUNDS.labels("opened").inc()
                 except BaseException:

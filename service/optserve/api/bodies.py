@@ -27,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import DomainError
 
+BODY_READER = "optserve.body_reader"  # set by `deps.read_body` for a pooled body
+
 RETRY_AFTER_S = 1
 
 
@@ -97,6 +99,9 @@ class BodyLimits:
             await self.app(scope, limited_receive, send)
         finally:
             budget.release(held)
+            reader = scope.pop(BODY_READER, None)
+            if reader is not None:  # the response is sent: the body's buffer can go back
+                reader.release()
 
 
 def _content_length(scope: Scope) -> int | None:

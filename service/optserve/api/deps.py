@@ -25,6 +25,8 @@ from ..session import SessionMeta
 from ..sessions import Sessions
 from ..settings import OPEN_TENANT, Settings
 from ..store.redis_store import Store
+from .bodies import BODY_READER
+from .body_pool import MIN_POOLED, BodyReader
 from .negotiation import negotiate
 from .problems import Problem
 
@@ -132,19 +134,30 @@ async def read_body(request: Request, limit: int) -> bytearray:
         if size_hint > limit:
             raise DomainError("body_too_large", f"body of {size_hint} bytes is over the limit of "
                               f"{limit} bytes", limit=limit)
+    # A large body goes into pooled buffers (pages already mapped; see api/body_pool.py),
+    # given back by `BodyLimits` when the request is over.
+    reader = (BodyReader(request.app.state.body_pool, size_hint)
+              if size_hint >= MIN_POOLED else None)
+    if reader is not None:
+        request.scope[BODY_READER] = reader
     out = bytearray()
+    n = 0
     async for chunk in request.stream():
         if not chunk:
             continue
-        if len(out) + len(chunk) > limit:
+        if n + len(chunk) > limit:
             raise DomainError("body_too_large", f"body is over the limit of {limit} bytes",
                               limit=limit)
-        if declared is not None and len(out) + len(chunk) > size_hint:
+        if declared is not None and n + len(chunk) > size_hint:
             raise DomainError("malformed_body", "body longer than its Content-Length")
-        out += chunk
-    if declared is not None and len(out) != size_hint:
+        if reader is not None:
+            reader.add(chunk)
+        else:
+            out += chunk
+        n += len(chunk)
+    if declared is not None and n != size_hint:
         raise DomainError("malformed_body", "body shorter than its Content-Length")
-    return out
+    return reader.body() if reader is not None else out
 
 
 # What makes two requests "the same" for an Idempotency-Key, besides method, path and body.

@@ -11,8 +11,12 @@ from fastapi import APIRouter, Query, Request, Response
 from optserve_client import wire
 
 from ..checks import parse_step_hyperparams
+from ..engine import Engine
 from ..errors import DomainError
 from ..metrics import STEPS
+from ..rounds import SyncRounds
+from ..session import SessionMeta
+from ..settings import Settings
 from .deps import (
     EngineDep,
     RoundsDep,
@@ -131,6 +135,13 @@ async def step(
     settings: SettingsDep,
     return_: Literal["params", "none"] = Query("params", alias="return"),
 ) -> Response:
+    return await run_step(request, meta, engine, rounds, settings, return_)
+
+
+async def run_step(request: Request, meta: SessionMeta, engine: Engine, rounds: SyncRounds,
+                   settings: Settings, return_: str) -> Response:
+    """The step, after auth and the session lookup: also called by `step_path.StepFastPath`,
+    which reaches it without FastAPI's routing and dependency solving."""
     kind = content_type(request, wire.TENSOR_TYPES)
     out_kind = accept(request, kind)
     body = await read_body(request, settings.max_body_bytes)

@@ -1,0 +1,113 @@
+"""``POST /v1/sessions/{id}/step`` straight to its handler.
+
+At 1e4 elements FastAPI's routing (a regex per route) and dependency solving cost more than
+the step's update itself (see the README's "Where the microseconds go"). This ASGI layer,
+the innermost middleware, recognises the step's path, does the same auth and session lookup
+as the dependencies (the same functions, in the same order) and calls the route's own body
+(`tensors.run_step`); errors go to the application's own exception handlers. Anything
+unusual (another method, a root path, a query other than ``return=params|none``) goes the
+FastAPI way, which answers it exactly as before.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import DomainError
+from ..session import SessionMeta
+from . import deps, tensors
+
+KNOWN_SESSIONS = 10_000
+
+_PREFIX = "/v1/sessions/"
+_SUFFIX = "/step"
+_RETURN = {b"": "params", b"return=params": "params", b"return=none": "none"}
+
+
+class StepFastPath:
+    """Serves the step route without the router; every other request passes through."""
+
+    def __init__(self, app: ASGIApp, root: FastAPI) -> None:
+        self.app = app
+        self.root = root
+        # The step's APIRoute, put in the scope as the router puts it (metrics, logs and
+        # spans name a request by its template).
+        self.route = next(r for r in tensors.router.routes
+                          if getattr(r, "path", "").endswith(_SUFFIX))
+        # Sessions this process has seen: their tenant and mode never change and their ids
+        # are never reused, so a step need not read the document before taking the lock
+        # (which reads it again). Bounded; the oldest entries go first.
+        self.known: OrderedDict[str, SessionMeta] = OrderedDict()
+
+    def _remember(self, meta: SessionMeta) -> None:
+        self.known[meta.id] = meta
+        self.known.move_to_end(meta.id)
+        while len(self.known) > KNOWN_SESSIONS:
+            self.known.popitem(last=False)
+
+    async def _step_known(self, request: Request, meta: SessionMeta, return_: str) -> Any:
+        """A step of a session seen before, without the look-up's round trip. Under the lock
+        the step reads the document afresh (a session deleted since is a 404 there); a
+        refusal before the lock (415, 406, 413, 400...) first checks that the session still
+        exists, as the look-up would have: the contract's 404 comes first."""
+        state = self.root.state
+        try:
+            return await tensors.run_step(request, meta, state.engine, state.sync_rounds,
+                                          state.settings, return_)
+        except DomainError as exc:
+            if exc.code != "session_not_found" and await state.store.get_meta(meta.id) is None:
+                self.known.pop(meta.id, None)
+                raise DomainError("session_not_found", f"no session {meta.id!r}") from None
+            raise
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sid = _session_of(scope)
+        return_ = _RETURN.get(scope.get("query_string", b"")) if sid else None
+        if return_ is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = self.route
+        scope["path_params"] = {"session_id": sid}
+        request = Request(scope, receive, send)
+        state = self.root.state
+        try:
+            settings = state.settings
+            tenant = await deps.tenant(request, settings)
+            meta = self.known.get(sid)
+            if meta is None or meta.tenant != tenant:
+                meta = await deps.session_meta(sid, tenant, state.store)
+                self._remember(meta)
+                response = await tensors.run_step(request, meta, state.engine,
+                                                  state.sync_rounds, settings, return_)
+            else:
+                response = await self._step_known(request, meta, return_)
+        except Exception as exc:
+            handler = self._handler(exc)
+            if handler is None:
+                raise  # the ErrorBoundary's 500, as for any route
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+    def _handler(self, exc: Exception) -> Any:
+        """The application's handler for `exc` (its class or nearest base), as Starlette's
+        exception middleware picks it."""
+        handlers = self.root.exception_handlers
+        for cls in type(exc).__mro__:
+            if cls in handlers:
+                return handlers[cls]
+        return None
+
+
+def _session_of(scope: Scope) -> str | None:
+    """The session id of a plain ``POST /v1/sessions/{id}/step`` (else None)."""
+    if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("root_path"):
+        return None
+    path: str = scope["path"]
+    if not (path.startswith(_PREFIX) and path.endswith(_SUFFIX)):
+        return None
+    sid = path[len(_PREFIX):-len(_SUFFIX)]
+    return sid if sid and "/" not in sid else None
