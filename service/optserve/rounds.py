@@ -110,7 +110,7 @@ class SyncRounds:
                 hp = await self._round_hyperparams(txn, meta, head, hyperparams)
                 token = head.token
                 mine = Contribution(weight, idempotency_key, grads, request_digest)
-                fut = self.notifier.future(token)
+                fut = await self.notifier.future(token, sid)
                 try:
                     if head.mine:  # a retry of a contribution already in this round
                         await txn.finish()
