@@ -28,17 +28,20 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+# The versions the test suite ran with (scripts/constraints.py writes it): every pip install
+# below takes them, so a rebuild gets the same FastAPI, Starlette, redis-py... as tested.
+COPY deploy/constraints.txt /opt/constraints.txt
 
 FROM venv AS torch-cpu
 ARG TORCH_VERSION
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
+RUN pip install --no-cache-dir -c /opt/constraints.txt "torch==${TORCH_VERSION}" \
         --index-url https://download.pytorch.org/whl/cpu
 
 # PyPI's Linux torch wheel is the CUDA build; the CUDA runtime libraries come as nvidia-* wheels,
 # so no CUDA base image is needed, only the NVIDIA driver that the container toolkit mounts.
 FROM venv AS torch-cuda
 ARG TORCH_VERSION
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}"
+RUN pip install --no-cache-dir -c /opt/constraints.txt "torch==${TORCH_VERSION}"
 
 # hadolint ignore=DL3006
 FROM torch-${TORCH_VARIANT} AS builder
@@ -48,19 +51,20 @@ COPY pyproject.toml README.md ./
 COPY clients ./clients
 COPY service ./service
 # `torch` is already satisfied by the stage above, so pip keeps the chosen build; the other
-# dependencies follow pyproject.toml's ranges.
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[server]" \
+# dependencies are held to the tested versions (within pyproject.toml's ranges).
+RUN pip install --no-cache-dir -c /opt/constraints.txt ".[server]" \
     && python -c "import optserve.cli, torch; print('torch', torch.__version__)"
 
+# The kernels compile at run time: torch.compile's CPU code (OPTSERVE_KERNEL=compiled) needs a
+# C++ compiler, the exact C++ kernel (torch.utils.cpp_extension.load_inline) g++ and ninja,
+# and on a GPU Triton a C compiler. Without them a kernel falls back to the exact one.
 FROM base AS runtime-cpu
-
-# torch.compile's GPU kernels (OPTSERVE_KERNEL=compiled) need a C compiler at run time for Triton.
-FROM base AS runtime-cuda
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends g++ ninja-build \
     && rm -rf /var/lib/apt/lists/*
+
+FROM runtime-cpu AS runtime-cuda
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 

@@ -108,10 +108,48 @@ def test_sync_round_across_two_servers(cluster: Cluster, make_server) -> None:
     assert time.monotonic() - started < 10  # woken by the notification, not the timeout
 
 
-@pytest.mark.xfail(reason="known, open: with nine concurrent streams and a shard SIGKILLed, "
-                   "redis-py 8.1's asyncio cluster client sometimes uses a connection closed "
-                   "under it (AttributeError/RuntimeError -> 500) and steps did not resume "
-                   "within 30 s; see the README's Scaling out section", strict=False)
+def test_sync_round_woken_through_the_sessions_shard_channel(cluster: Cluster,
+                                                            make_server) -> None:
+    """On a cluster a round is announced with SPUBLISH in the session's slot, to which the
+    waiting server SSUBSCRIBEd: the waiter wakes at once, not at its once-a-second look."""
+    a = make_server(redis_cluster_nodes=cluster.spec)
+    b = make_server(redis_cluster_nodes=cluster.spec)
+    with httpx.Client(base_url=a.url, timeout=60) as c:
+        s = create(c, {"w": torch.zeros(4)}, optimizer="sgd", hyperparams={"lr": 1.0},
+                   mode="sync", sync={"contributions": 2, "timeout_s": 30})
+    channel = keys.round_channel(s["id"])
+    owner = cluster.node_for(channel).client()
+    listener = owner.pubsub()
+    listener.ssubscribe(channel)
+    done: dict[str, float] = {}
+    out: dict[str, httpx.Response] = {}
+
+    def push(url: str, g: float, name: str) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            out[name] = step(c, s["id"], {"w": torch.full((4,), g)})
+            done[name] = time.monotonic()
+
+    first = threading.Thread(target=push, args=(a.url, 1.0, "first"))
+    first.start()
+    wait_for(lambda: owner.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] == 2, 30,
+             "the waiting server subscribed to the session's shard channel")
+    push(b.url, 3.0, "second")
+    first.join()
+    assert out["first"].status_code == out["second"].status_code == 200, out["first"].text
+    assert torch.equal(decode(out["first"])["w"], torch.full((4,), -2.0))
+    assert done["first"] - done["second"] < 0.75  # woken, not found by its 1 s look
+    messages = []
+    deadline = time.monotonic() + 5
+    while not messages and time.monotonic() < deadline:
+        m = listener.get_sharded_message(timeout=0.5)
+        if m is not None and m["type"] == "smessage":
+            messages.append(m)
+    assert messages, "the closing server announced the round on the shard channel"
+    for node in cluster.nodes:  # nobody listens on the unsharded channel any more
+        assert node.client().execute_command("PUBSUB", "NUMSUB", keys.ROUNDS_CHANNEL)[1] == 0
+    listener.close()
+
+
 def test_node_killed_mid_stream_503_then_recovery(cluster: Cluster, make_server) -> None:
     srv = make_server(redis_cluster_nodes=cluster.spec, redis_timeout_s=1)
     c = httpx.Client(base_url=srv.url, timeout=30)
@@ -143,6 +181,12 @@ def test_node_killed_mid_stream_503_then_recovery(cluster: Cluster, make_server)
     victim.process.wait()
     time.sleep(1.0)
     assert httpx.get(f"{srv.url}/readyz").status_code == 503
+    # Down past cluster-node-timeout: the others mark it failed and answer CLUSTERDOWN, on
+    # which redis-py resets the client (the reset that used to close connections in use).
+    survivor = next(n for n in cluster.nodes if n is not victim).client()
+    wait_for(lambda: b"cluster_state:fail" in survivor.execute_command("CLUSTER", "INFO"), 20,
+             "the cluster to see the node failed")
+    time.sleep(1.0)  # steps meet CLUSTERDOWN for a while
     victim.start()
     cluster.wait_ok()
     before = dict(acked)

@@ -39,3 +39,14 @@ def test_environment_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings(device="tpu")
     with pytest.raises(ValidationError):
         Settings(log_level="chatty")
+
+
+def test_cluster_nodes_or_sentinels_name_a_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the nodes (as deploy/docker-compose.cluster.yml sets them): the server starts
+    on them, and `optserve serve` starts no Redis of its own."""
+    for name in ("REDIS_URL", "REDIS_CLUSTER_NODES", "REDIS_SENTINELS"):
+        monkeypatch.delenv(f"OPTSERVE_{name}", raising=False)
+    assert not Settings().redis_given
+    assert Settings(redis_cluster_nodes="redis-1:6379").redis_given
+    assert Settings(redis_sentinels="s:26379", redis_sentinel_master="m").redis_given
+    assert Settings(redis_url="redis://r:6379/0").redis_given

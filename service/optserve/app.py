@@ -36,9 +36,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         startup.check(settings)  # refuse to start (ConfigError) rather than answer 500s
-        if not settings.redis_url:
-            raise RuntimeError("OPTSERVE_REDIS_URL is not set; `optserve serve` starts a Redis "
-                               "of its own when it is unset")
+        if not settings.redis_given:
+            raise RuntimeError("no Redis is named (OPTSERVE_REDIS_URL, _CLUSTER_NODES or "
+                               "_SENTINELS); `optserve serve` starts one of its own then")
         if not settings.keys:
             log.warning("no API keys configured (OPTSERVE_API_KEYS): the service is OPEN, "
                         "single-tenant, to anyone who can reach it")

@@ -125,7 +125,7 @@ def serve(args: argparse.Namespace) -> int:
     # any worker's /metrics reads them all.
     directory, ours = metrics_dir()
     embedded: EmbeddedRedis | None = None
-    if not settings.redis_url:
+    if not settings.redis_given:
         embedded, code = start_embedded_redis(settings)
         if embedded is None:
             _drop_metrics_dir(directory, ours)

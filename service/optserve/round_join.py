@@ -48,7 +48,7 @@ async def join_unlocked(rounds: SyncRounds, meta: SessionMeta, mine: Contributio
     if (head.v != version or head.sealed or head.mine or head.deadline <= time.time()
             or head.rule.full(head.n + 1, head.weight + mine.weight)):
         return False
-    fut = rounds.notifier.future(head.token)
+    fut = await rounds.notifier.future(head.token, meta.id)
     try:
         (joined,) = await rounds.store._on_slot(keys.round_(meta.id), [stored.join_cmd(
             meta, head, cid, mine, snap.nonce)])

@@ -120,7 +120,7 @@ class SyncRounds:
                     head = RoundHead.open(version, meta.sync)
                 hp = await self._round_hyperparams(txn, meta, head, hyperparams)
                 token = head.token
-                fut = self.notifier.future(token)
+                fut = await self.notifier.future(token, sid)
                 try:
                     if head.mine:  # a retry of a contribution already in this round
                         await txn.finish()

@@ -156,6 +156,12 @@ class Settings(BaseSettings):
                 pairs.append((parts[0], parts[1]))
         return {key: tenant for tenant, key in pairs}
 
+    @property
+    def redis_given(self) -> bool:
+        """Whether a Redis is named (a URL, cluster nodes or Sentinels); unset: `optserve
+        serve` starts its own."""
+        return bool(self.redis_url or self.redis_cluster_nodes or self.redis_sentinels)
+
     def tenant_for(self, key: str) -> str | None:
         """Constant-time lookup: every configured key is compared, whatever matches."""
         found: str | None = None

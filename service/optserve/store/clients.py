@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import MaxConnectionsError
@@ -100,13 +99,52 @@ async def _names_a_cluster(url: str, settings: Settings) -> bool:
         await probe.connection_pool.disconnect()
 
 
+class GentleCluster(RedisCluster):
+    """redis-py's asyncio cluster client, with resets that leave connections in use alone.
+
+    On ``CLUSTERDOWN``/uncovered slots (a shard lost), every few ``MOVED``s, and when a
+    re-read of the slot map fails, redis-py 8.1 calls `aclose`, which disconnects *every*
+    connection of every node, including those other requests are in the middle of using
+    (our step transactions hold one across several round trips): their next write finds
+    ``_writer`` gone (``AttributeError``) or the transport closed (``RuntimeError``), and
+    requests on healthy shards answered 500. Here those resets do what redis-py already
+    does for a single lost node: mark connections in use to be reconnected when released,
+    drop idle ones, and re-read the slot map before the next command. `close_for_good`
+    is the real close.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nodes_manager.__class__ = _GentleNodes  # same slots; only `aclose` differs
+
+    async def aclose(self) -> None:
+        """A reset (see the class): the slot map is re-read before the next command."""
+        self._initialize = True
+        await self.nodes_manager.aclose()
+
+    async def close_for_good(self) -> None:
+        await RedisCluster.aclose(self)
+        for attr in ("nodes_cache", "startup_nodes"):  # also when a reset came last
+            await NodesManager.aclose(self.nodes_manager, attr)
+
+
+class _GentleNodes(NodesManager):
+    __slots__ = ()
+
+    async def aclose(self, attr: str = "nodes_cache") -> None:
+        """Connections in use are reconnected when released; idle ones are dropped now."""
+        for node in list(getattr(self, attr).values()):
+            node.update_active_connections_for_reconnect()
+            await node.disconnect_free_connections()
+
+
 async def make_client(settings: Settings) -> Client:
     """The client the settings ask for (see the module)."""
     common = _common(settings)
     if settings.redis_cluster_nodes:
         nodes = [ClusterNode(h, p) for h, p in _hostports(settings.redis_cluster_nodes)]
-        return RedisCluster(startup_nodes=nodes, max_connections=settings.redis_max_connections,
-                            **common)
+        return GentleCluster(startup_nodes=nodes, max_connections=settings.redis_max_connections,
+                             **common)
     if settings.redis_sentinels:
         if not settings.redis_sentinel_master:
             raise ValueError("OPTSERVE_REDIS_SENTINELS needs OPTSERVE_REDIS_SENTINEL_MASTER")
@@ -121,8 +159,8 @@ async def make_client(settings: Settings) -> Client:
         raise RuntimeError("OPTSERVE_REDIS_URL is not set; `optserve serve` starts a Redis "
                            "of its own when it is unset")
     if await _names_a_cluster(settings.redis_url, settings):
-        return RedisCluster.from_url(settings.redis_url,
-                                     max_connections=settings.redis_max_connections, **common)
+        return GentleCluster.from_url(settings.redis_url,
+                                      max_connections=settings.redis_max_connections, **common)
     return make_redis(settings.redis_url, settings.redis_timeout_s,
                       settings.redis_max_connections, settings.redis_password)
 
@@ -132,6 +170,9 @@ def is_cluster(redis: Client) -> bool:
 
 
 async def close_client(redis: Client) -> None:
+    if isinstance(redis, GentleCluster):
+        await redis.close_for_good()
+        return
     await redis.aclose()
     if not is_cluster(redis):
         await redis.connection_pool.disconnect()  # a pool we passed in is ours to close
@@ -170,6 +211,7 @@ async def slot_connection(redis: Client, key: str, timeout_s: float
         node = redis.get_node_from_key(key)
         conn = await _acquire(node, timeout_s)
         try:
+            await node.disconnect_if_needed(conn)  # marked by a topology change: fresh state
             yield conn
         finally:
             node.release(conn)
@@ -182,25 +224,7 @@ async def slot_connection(redis: Client, key: str, timeout_s: float
             await pool.release(conn)
 
 
-def pubsub_client(redis: Client) -> Redis:
-    """A client whose ``pubsub()`` hears the round notifications.
-
-    On a cluster, PUBLISH (unsharded) reaches every node over the cluster bus, so any
-    primary serves; a node picked at random now, the notifier asks again on reconnecting.
-    """
-    if not is_cluster(redis):
-        return redis
-    return _ClusterSubscriber(redis)  # type: ignore[return-value]
-
-
-class _ClusterSubscriber:
-    def __init__(self, cluster: RedisCluster) -> None:
-        self.cluster = cluster
-
-    def pubsub(self, **kwargs: Any) -> Any:
-        nodes = self.cluster.get_primaries() or self.cluster.get_nodes()
-        node = random.choice(nodes)
-        kw = {k: v for k, v in node.connection_kwargs.items()
-              if k in ("password", "username", "socket_timeout", "socket_connect_timeout")}
-        kw["socket_timeout"] = None  # a subscriber waits for messages as long as it takes
-        return Redis(host=node.host, port=node.port, **kw).pubsub(**kwargs)
+def pubsub_client(redis: Client) -> Client:
+    """The client the round notifier subscribes through: the client itself (on a cluster,
+    the notifier opens a shard-channel connection per node; see round_notifier.py)."""
+    return redis

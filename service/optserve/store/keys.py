@@ -64,6 +64,12 @@ def round_params(sid: str, token: str) -> str:
 ROUNDS_CHANNEL = f"{PREFIX}:rounds"
 
 
+def round_channel(sid: str) -> str:
+    """On a Redis Cluster, the shard channel (in the session's slot) its rounds are
+    announced on instead of `ROUNDS_CHANNEL` (SPUBLISH inside the round's own MULTI)."""
+    return f"{PREFIX}:{{s:{sid}}}:rounds"
+
+
 def create_idempotency(tenant: str, key: str) -> str:
     return f"{PREFIX}:tenant:{{t:{tenant}}}:create:{key}"
 

@@ -200,6 +200,9 @@ class StepTxn:
             iset = keys.idempotency_set(sid)
             cmds = [*cmds, ("SADD", iset, *records),
                     ("EXPIRE", iset, self.store.idempotency_ttl_s)]
+        if self.store.cluster:  # rounds announced in the session's slot (round_notifier.py)
+            cmds = [("SPUBLISH", keys.round_channel(sid), *c[2:])
+                    if c[0] == "PUBLISH" and c[1] == keys.ROUNDS_CHANNEL else c for c in cmds]
         wait = self.store._wait_cmds()
         batch = [("MULTI",), *cmds, ("EXEC",), *wait,
                  ("EVAL", _RELEASE, 1, keys.lock(sid), self.token)]
