@@ -3,6 +3,7 @@ client."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -61,7 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if metrics.multiproc_dir() is not None:  # its live gauges stop counting
                 from prometheus_client import multiprocess
 
-                multiprocess.mark_process_dead(os.getpid())
+                # Gone already when the supervisor removed the directory first.
+                with contextlib.suppress(FileNotFoundError):
+                    multiprocess.mark_process_dead(os.getpid())
 
     app = FastAPI(
         **_own_tracing(),
