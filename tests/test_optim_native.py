@@ -43,11 +43,12 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 
 def _sizes(dtype: torch.dtype) -> dict[str, tuple[int, ...]]:
-    """Vector tails (1, 7, 17), a chunk + 1, a size split over two threads with a ragged
-    end, and the block path's block + 1 (an odd 2-D shape for one of them)."""
+    """Vector tails (1, 7, 17), sizes around the native kernel's 4096-element chunk, a size
+    split over two threads with a ragged end, and the block path's block + 1 (an odd 2-D
+    shape for one of them)."""
     block = exact.block_numel(torch.empty(0, dtype=dtype))
-    return {"a": (1,), "b": (7,), "c": (17,), "d": (2049,), "e": (3, 43691),
-            "f": (block + 1,), "g": (2 * native._PER_THREAD + 3,)}
+    return {"a": (1,), "b": (7,), "c": (17,), "d": (4095,), "e": (4097,), "f": (3, 43691),
+            "g": (block + 1,), "h": (2 * native._PER_THREAD + 3,)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

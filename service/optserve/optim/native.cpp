@@ -27,7 +27,7 @@ namespace {
 using vml_s = void (*)(int, const float*, float*, long long);
 using vml_d = void (*)(int, const double*, double*, long long);
 constexpr long long kVmlMode = 0x2 | 0x140000 | 0x100;  // VML_HA|VML_FTZDAZ_OFF|ERRMODE_IGNORE
-constexpr int64_t kChunk = 2048;                         // elements per in-cache chunk
+constexpr int64_t kChunk = 4096;                         // elements per in-cache chunk
 
 vml_s g_sqrt_s = nullptr;
 vml_d g_sqrt_d = nullptr;

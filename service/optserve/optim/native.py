@@ -3,7 +3,7 @@
 Why: torch's CPU step runs each of its 5-9 elementwise ops as a separate pass with its own
 dispatch cost; blocks of torch ops from Python (:mod:`optserve.optim.exact`) keep the data
 in cache but still pay every op's fixed cost per block, which held them at ~1.9x torch.
-``native.cpp`` runs the whole RMSprop or Adagrad update per element while a 2048-element
+``native.cpp`` runs the whole RMSprop or Adagrad update per element while a 4096-element
 chunk is in cache, rounding op for op as the ATen kernels do and calling the very sqrt
 ATen calls (MKL's ``vmsSqrt``/``vmdSqrt``, taken from torch's own library), over
 ``torch.get_num_threads()`` threads.
@@ -151,6 +151,18 @@ def start() -> None:
             _thread.start()
 
 
+def _after_fork_in_child() -> None:
+    """A build thread does not survive fork: a child whose parent was still building
+    starts afresh (and finds the parent's build in the cache if it got that far)."""
+    global _lock, _thread, _ready, status
+    _lock = threading.Lock()
+    if _lib is None and _thread is not None and not _ready.is_set():
+        _thread, _ready, status = None, threading.Event(), "not started"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def wait(timeout: float | None = None) -> bool:
     """Start if needed and wait for the outcome (tests, benchmarks): whether it is used."""
     start()
@@ -223,7 +235,7 @@ def _self_check(lib: ctypes.CDLL) -> None:
     lerp branches at sizes with vector tails, plus one size split over threads."""
     everything = {"lr": 0.01, "alpha": 0.9, "eps": 1e-8, "weight_decay": 0.1,
                   "momentum": 0.9, "centered": True, "maximize": True}
-    for dtype, n in product(_DTYPES, (37, 2053)):
+    for dtype, n in product(_DTYPES, (37, 4099)):
         init, grads = _probe_inputs(dtype, n)
         for mx, wd, centered, mom, alpha in product((False, True), (0.0, 0.1), (False, True),
                                                     (0.0, 0.9), (0.99, 0.3)):
