@@ -1,9 +1,9 @@
-"""The native exact update: ``native.cpp``, built in the background, checked, then used.
+"""The native exact update: C++ (``native_src``), built in the background, checked, used.
 
 Why: torch's CPU step runs each of its 5-9 elementwise ops as a separate pass with its own
 dispatch cost; blocks of torch ops from Python (:mod:`optserve.optim.exact`) keep the data
 in cache but still pay every op's fixed cost per block, which held them at ~1.9x torch.
-``native.cpp`` runs the whole RMSprop or Adagrad update per element while a 4096-element
+The C++ runs the whole RMSprop or Adagrad update per element while a 4096-element
 chunk is in cache, rounding op for op as the ATen kernels do and calling the very sqrt
 ATen calls (MKL's ``vmsSqrt``/``vmdSqrt``, taken from torch's own library), over
 ``torch.get_num_threads()`` threads.
@@ -41,10 +41,10 @@ import torch
 from torch import Tensor
 
 from .base import flat_ok
+from .native_src import SOURCE
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native.cpp")
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 _PER_THREAD = 1 << 16
 """Elements per thread at least: below this a thread's start (~20 us) is not worth it."""
@@ -82,7 +82,7 @@ def build() -> Path:
     """The compiled library's path: from the cache, else compiled now (seconds)."""
     cxx = os.environ.get("CXX") or "c++"
     flags = _flags()
-    source = SOURCE.read_bytes()
+    source = SOURCE.encode()
     key = hashlib.sha256(b"\0".join([source, cxx.encode(), " ".join(flags).encode(),
                                      torch.__version__.encode()])).hexdigest()[:16]
     out = _build_dir() / f"optserve_native_{key}.so"
@@ -92,17 +92,14 @@ def build() -> Path:
     if compiler is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} not found (set CXX)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True,
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        cpp, so = Path(tmp) / "optserve_native.cpp", Path(tmp) / "optserve_native.so"
+        cpp.write_bytes(source)
+        done = subprocess.run([compiler, *flags, str(cpp), "-o", str(so)], capture_output=True,
                               text=True, timeout=300, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, out)  # atomic: a concurrent process loads a whole file or none
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.replace(so, out)  # atomic: a concurrent process loads a whole file or none
     return out
 
 
@@ -295,3 +292,12 @@ def _check_adagrad(lib: ctypes.CDLL, init: Tensor, grads: list[Tensor], kw: dict
             raise RuntimeError("the native adagrad refused a probe tensor")
     if not (torch.equal(mine, p.detach()) and torch.equal(total, opt.state[p]["sum"])):
         raise RuntimeError(f"adagrad {kw} {init.dtype} differs from torch")
+
+
+
+def prebuild() -> int:
+    """Build and check now, print the outcome; 0 if usable. For an image's build step:
+    ``python -c "from optserve.optim import native; raise SystemExit(native.prebuild())"``."""
+    ok = wait(600)
+    print(f"optserve native exact kernel: {status}" + (f" ({build()})" if ok else ""))
+    return 0 if ok else 1

@@ -1,3 +1,11 @@
+"""The native exact kernel's C++ source (compiled by :mod:`optserve.optim.native`).
+
+A Python string rather than a ``.cpp`` file so that it ships in every install of the
+package (wheels carry Python modules only unless told otherwise) and the build hashes and
+compiles exactly this text.
+"""
+
+SOURCE = r"""
 // One-pass RMSprop / Adagrad update that rounds exactly as torch's CPU single-tensor path.
 //
 // Why: torch runs 5-9 ATen ops per tensor, each a pass over memory with its own overhead.
@@ -189,3 +197,4 @@ int optserve_adagrad(int dtype, void* p, const void* g, void* sum, int64_t n, do
 }
 
 }  // extern "C"
+"""
