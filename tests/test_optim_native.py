@@ -43,11 +43,11 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 
 def _sizes(dtype: torch.dtype) -> dict[str, tuple[int, ...]]:
-    """Vector tails (1, 7, 17), sizes around the native kernel's 4096-element chunk, a size
+    """Vector tails (1, 7, 17), sizes around the native kernel's 8192-element chunk, a size
     split over two threads with a ragged end, and the block path's block + 1 (an odd 2-D
     shape for one of them)."""
     block = exact.block_numel(torch.empty(0, dtype=dtype))
-    return {"a": (1,), "b": (7,), "c": (17,), "d": (4095,), "e": (4097,), "f": (3, 43691),
+    return {"a": (1,), "b": (7,), "c": (17,), "d": (8191,), "e": (8193,), "f": (3, 43691),
             "g": (block + 1,), "h": (2 * native._PER_THREAD + 3,)}
 
 

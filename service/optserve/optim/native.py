@@ -3,7 +3,7 @@
 Why: torch's CPU step runs each of its 5-9 elementwise ops as a separate pass with its own
 dispatch cost; blocks of torch ops from Python (:mod:`optserve.optim.exact`) keep the data
 in cache but still pay every op's fixed cost per block, which held them at ~1.9x torch.
-The C++ runs the whole RMSprop or Adagrad update per element while a 4096-element
+The C++ runs the whole RMSprop or Adagrad update per element while an 8192-element
 chunk is in cache, rounding op for op as the ATen kernels do and calling the very sqrt
 ATen calls (MKL's ``vmsSqrt``/``vmdSqrt``, taken from torch's own library), over
 ``torch.get_num_threads()`` threads.
@@ -232,7 +232,7 @@ def _self_check(lib: ctypes.CDLL) -> None:
     lerp branches at sizes with vector tails, plus one size split over threads."""
     everything = {"lr": 0.01, "alpha": 0.9, "eps": 1e-8, "weight_decay": 0.1,
                   "momentum": 0.9, "centered": True, "maximize": True}
-    for dtype, n in product(_DTYPES, (37, 4099)):
+    for dtype, n in product(_DTYPES, (37, 8197)):
         init, grads = _probe_inputs(dtype, n)
         for mx, wd, centered, mom, alpha in product((False, True), (0.0, 0.1), (False, True),
                                                     (0.0, 0.9), (0.99, 0.3)):
