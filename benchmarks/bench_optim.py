@@ -6,7 +6,7 @@ The contenders are timed round-robin, so load from neighbours hits all of them a
 ``--tolerance`` instead measures the compiled kernel's error against torch for every
 optimizer and option row of the conformance tests (the README's Exactness numbers).
 
-    python benchmarks/bench_optim.py [--sizes 1e4 1e6 1e7] [--budget 2.0]
+    python benchmarks/bench_optim.py [--sizes 1e4 1e6 1e7] [--budget 2.0] [--threads N]
     python benchmarks/bench_optim.py --tolerance [--steps 50] [--numel 100000]
 """
 
@@ -152,9 +152,13 @@ def main() -> None:
                     help="seconds of timing per (config, size)")
     ap.add_argument("--tolerance", action="store_true",
                     help="measure the compiled kernel's error against torch instead")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (torch and the native kernel both follow it)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--numel", type=int, default=100_000)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
