@@ -33,8 +33,10 @@ SOURCE = r"""
 
 namespace {
 
-using vml_s = void (*)(int, const float*, float*, long long);
-using vml_d = void (*)(int, const double*, double*, long long);
+// n is passed as a 64-bit integer: an LP64 MKL reads its low 32 bits (n < 2^31 here), an
+// ILP64 one all of it, so the call is right whichever MKL_INT torch was built with.
+using vml_s = void (*)(long long, const float*, float*, long long);
+using vml_d = void (*)(long long, const double*, double*, long long);
 constexpr long long kVmlMode = 0x2 | 0x140000 | 0x100;  // VML_HA|VML_FTZDAZ_OFF|ERRMODE_IGNORE
 constexpr int64_t kChunk = 8192;                         // elements per in-cache chunk
 
