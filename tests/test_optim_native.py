@@ -83,6 +83,8 @@ def test_native_really_runs() -> None:
                               0.0, False)  # state of another dtype: the block path's case
     assert not native.rmsprop(torch.zeros(2, 3).t(), torch.ones(3, 2), torch.zeros(3, 2),
                               None, None, 0.01, 0.99, 1e-8, 0.0, 0.0, False)
+    odd = torch.frombuffer(bytearray(24), dtype=torch.float32, offset=1, count=5)
+    assert not native.rmsprop(odd, g, sa, None, None, 0.01, 0.99, 1e-8, 0.0, 0.0, False)
 
 
 _CHILD = textwrap.dedent("""

@@ -183,6 +183,9 @@ def _usable(param: Tensor, grad: Tensor, *state: Tensor | None) -> ctypes.CDLL |
             or grad.dtype != param.dtype or grad.device.type != "cpu"
             or not flat_ok(param, *state)):
         return None
+    size = param.element_size()  # C++ may assume aligned elements (torch.frombuffer need not)
+    if any(t is not None and t.data_ptr() % size for t in (param, grad, *state)):
+        return None
     return _lib
 
 
