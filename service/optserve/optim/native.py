@@ -110,8 +110,11 @@ def _load(path: Path) -> ctypes.CDLL:
         vms, vmd = torch_cpu.vmsSqrt, torch_cpu.vmdSqrt
     except AttributeError:
         raise RuntimeError("torch's library exports no MKL vmsSqrt/vmdSqrt") from None
+    # MKL's own threads off in ours (see native_src); absent from a sequential MKL
+    local = getattr(torch_cpu, "MKL_Set_Num_Threads_Local", None)
     lib = ctypes.CDLL(str(path))
-    lib.optserve_set_sqrt(ctypes.cast(vms, ctypes.c_void_p), ctypes.cast(vmd, ctypes.c_void_p))
+    lib.optserve_set_sqrt(*(None if f is None else ctypes.cast(f, ctypes.c_void_p)
+                            for f in (vms, vmd, local)))
     ptr, i64, dbl, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.optserve_rmsprop.argtypes = [cint, ptr, ptr, ptr, ptr, ptr, i64, dbl, dbl, dbl, dbl,
                                      dbl, dbl, cint, cint, i64]

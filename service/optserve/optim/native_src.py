@@ -40,6 +40,11 @@ using vml_d = void (*)(long long, const double*, double*, long long);
 constexpr long long kVmlMode = 0x2 | 0x140000 | 0x100;  // VML_HA|VML_FTZDAZ_OFF|ERRMODE_IGNORE
 constexpr int64_t kChunk = 8192;                         // elements per in-cache chunk
 
+// MKL_Set_Num_Threads_Local: MKL threads its vector math itself when the calling thread is
+// not inside an OpenMP region (ATen's calls are; ours are not), which fought our own
+// threads for the cores and doubled the step's time. Each of our threads sets 1 for itself.
+using mkl_local = int (*)(int);
+mkl_local g_mkl_local = nullptr;
 vml_s g_sqrt_s = nullptr;
 vml_d g_sqrt_d = nullptr;
 
@@ -134,9 +139,11 @@ void parallel(int64_t n, int threads, int64_t grain, F fn) {
   const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, n / grain));
   std::atomic<int64_t> next{0};
   auto work = [&] {
+    const int prev = g_mkl_local ? g_mkl_local(1) : 0;
     for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
       fn(c * kChunk, std::min(n, (c + 1) * kChunk));
     }
+    if (g_mkl_local) g_mkl_local(prev);  // the caller's own setting back (0: MKL's global)
   };
   if (t == 1) {
     work();
@@ -153,7 +160,8 @@ void parallel(int64_t n, int threads, int64_t grain, F fn) {
 
 extern "C" {
 
-void optserve_set_sqrt(void* vms, void* vmd) {
+void optserve_set_sqrt(void* vms, void* vmd, void* mkl_local_threads) {
+  g_mkl_local = reinterpret_cast<mkl_local>(mkl_local_threads);
   g_sqrt_s = reinterpret_cast<vml_s>(vms);
   g_sqrt_d = reinterpret_cast<vml_d>(vmd);
 }
