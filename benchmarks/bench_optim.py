@@ -35,9 +35,16 @@ CONFIGS: dict[str, dict[str, object]] = {
 }
 
 
+_SCRUB = torch.ones(16 << 20)
+"""64 MiB read before every timed call: each contender starts with the last-level cache
+holding clean data, not the previous contender's dirty lines (at 1e7 elements, whichever
+ran right after torch.optim paid ~3 ms of its write-backs)."""
+
+
 def time_round_robin(fns: dict[str, Callable[[], None]], budget_s: float,
                      min_repeats: int = 5, max_repeats: int = 500) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved, after one warm-up call."""
+    """Median seconds per call of each function, calls interleaved, after one warm-up call;
+    the cache is scrubbed (see ``_SCRUB``) before each timed call."""
     for fn in fns.values():
         fn()
     start = time.perf_counter()
@@ -48,6 +55,7 @@ def time_round_robin(fns: dict[str, Callable[[], None]], budget_s: float,
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            float(_SCRUB.sum())
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
