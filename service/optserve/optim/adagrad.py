@@ -24,6 +24,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from . import native
 from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, new_step
 from .exact import blocks
 from .hyperparams import AdagradHyperparams
@@ -53,12 +54,15 @@ def _clr(hp: AdagradHyperparams, step: float) -> float:
 
 
 def update(param: Tensor, grad: Tensor, st: ParamState, hp: AdagradHyperparams) -> None:
-    """One step in place; ``_single_tensor_adagrad``'s ops (dense), block by block."""
+    """One step in place: ``_single_tensor_adagrad``'s ops (dense) in one native pass once
+    that is built (see ``native``), else block by block; the same bits either way."""
     _complete(param, st, hp)
     step_t = st["step"]
     step_t += 1
     step = step_t.item()
     clr = _clr(hp, step)
+    if native.adagrad(param, grad, st["sum"], clr, hp.eps, hp.weight_decay, hp.maximize):
+        return
     for p, g, s in blocks(param, grad, st["sum"]):
         _ops(p, g, s, clr, hp)  # type: ignore[arg-type]
 

@@ -30,7 +30,8 @@ class OptimizerDef:
 
     - ``init_state(param, hp)``: the state torch would create for a fresh parameter.
     - ``update(param, grad, state, hp)``: one exact step in place, op for op as torch's
-      single-tensor implementation (block by block on CPU); creates missing state first.
+      single-tensor implementation (on CPU natively or block by block, see ``native``);
+      creates missing state first.
     - ``foreach_update(params, grads, states, hp)``: one exact step for several tensors on a
       non-CPU device, through torch's own multi-tensor (foreach) function, as
       ``torch.optim`` defaults to there.

@@ -80,11 +80,13 @@ def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tenso
     anything changes.
 
     ``kernel="exact"`` (default) is bitwise equal to what ``torch.optim`` runs by default on
-    the parameter's device: on CPU torch's single-tensor ops, applied block by block (see
-    ``optserve.optim.exact``); elsewhere (CUDA) torch's own multi-tensor (foreach) function
-    over all of the step's tensors on that device. ``kernel="compiled"`` runs the compiled
-    one-pass update on float32/float64 tensors of ``FUSED_MIN_NUMEL`` elements or more
-    (see ``optserve.optim.fused``). ``fused`` is the old spelling: True means compiled.
+    the parameter's device: on CPU torch's single-tensor ops, in one native pass per tensor
+    once that is built (RMSprop, AdaGrad; see ``optserve.optim.native``) or applied block by
+    block (see ``optserve.optim.exact``); elsewhere (CUDA) torch's own multi-tensor
+    (foreach) function over all of the step's tensors on that device. ``kernel="compiled"``
+    runs the compiled one-pass update on float32/float64 tensors of ``FUSED_MIN_NUMEL``
+    elements or more (see ``optserve.optim.fused``). ``fused`` is the old spelling: True
+    means compiled.
 
     With ``track_update``, returns each stepped parameter's squared update norm
     ``||new - old||^2`` (the stats' "last update norm"): from the compiled kernel's own pass,

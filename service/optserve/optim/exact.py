@@ -1,5 +1,8 @@
 """The exact path's blocking: torch's own ops, applied one cache-sized block at a time.
 
+SGD's exact path, and RMSprop's and AdaGrad's until (or where never) their native kernel
+is ready (:mod:`optserve.optim.native`, the same bits in one C++ pass).
+
 Why: torch's CPU step runs 5-9 elementwise ops per tensor, each a full pass over memory.
 Run on a ~1 MiB slice of every tensor instead, all of a step's ops on that slice before the
 next, the slice stays in cache and main memory is read and written about once per tensor.

@@ -28,6 +28,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from . import native
 from .base import Kernel, OptimizerDef, ParamState, flat, flat_grad, flat_ok, flat_opt, new_step
 from .exact import blocks, scratch
 from .hyperparams import RMSpropHyperparams
@@ -60,11 +61,15 @@ def _complete(param: Tensor, st: ParamState, hp: RMSpropHyperparams) -> None:
 
 
 def update(param: Tensor, grad: Tensor, st: ParamState, hp: RMSpropHyperparams) -> None:
-    """One step in place; ``_single_tensor_rmsprop``'s ops, block by block (see ``exact``)."""
+    """One step in place: ``_single_tensor_rmsprop``'s ops in one native pass once that is
+    built (see ``native``), else block by block (see ``exact``); the same bits either way."""
     _complete(param, st, hp)
     st["step"] += 1
     ga = st["grad_avg"] if hp.centered else None
     buf = st["momentum_buffer"] if hp.momentum > 0 else None
+    if native.rmsprop(param, grad, st["square_avg"], ga, buf, hp.lr, hp.alpha, hp.eps,
+                      hp.weight_decay, hp.momentum, hp.maximize):
+        return
     tmp = scratch(param)
     for p, g, sa, gav, b in blocks(param, grad, st["square_avg"], ga, buf):
         out = None if tmp is None else tmp[:p.numel()]  # type: ignore[union-attr]

@@ -1,0 +1,313 @@
+"""The native exact update: C++ (``native_src``), built in the background, checked, used.
+
+Why: torch's CPU step runs each of its 5-9 elementwise ops as a separate pass with its own
+dispatch cost; blocks of torch ops from Python (:mod:`optserve.optim.exact`) keep the data
+in cache but still pay every op's fixed cost per block, which held them at ~1.9x torch.
+The C++ runs the whole RMSprop or Adagrad update per element while an 8192-element
+chunk is in cache, rounding op for op as the ATen kernels do and calling the very sqrt
+ATen calls (MKL's ``vmsSqrt``/``vmdSqrt``, taken from torch's own library), over
+``torch.get_num_threads()`` threads.
+
+How it stays exact and never in the way:
+
+- The library is compiled by ``$CXX`` (default ``c++``) on a thread of its own, started by
+  the first update that could use it; until it is ready, or where it cannot be built
+  (no compiler, no MKL in torch, another CPU architecture), updates take the block path,
+  which gives the same bits. Nothing ever waits for the compiler.
+- The build is cached under the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, else
+  ``~/.cache/torch_extensions``), named by a hash of the source, compiler and flags, so a
+  restart loads it in milliseconds.
+- Before first use it is checked against torch's own ops (the block path's, which the
+  conformance tests hold bitwise equal to ``torch.optim``): every structural option, both
+  lerp branches, float32 and float64, sizes with vector tails; any difference in any bit
+  and it is never used (logged as a warning).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import flat_ok
+from .native_src import SOURCE
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+_PER_THREAD = 1 << 16
+"""Elements per thread at least: below this a thread's start (~20 us) is not worth it."""
+
+_MAXIMIZE, _WEIGHT_DECAY, _CENTERED, _MOMENTUM = 1, 2, 4, 8
+
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+_ready = threading.Event()
+_lib: ctypes.CDLL | None = None
+enabled = True
+"""False keeps every update on the block path (tests and benchmarks compare the two)."""
+status = "not started"
+"""``not started``, ``building``, ``ready`` or ``unavailable: <why>`` (diagnostics, tests)."""
+
+
+def _flags() -> list[str]:
+    """Compiler flags; ``-ffp-contract=off`` so only the written ``fma`` calls fuse."""
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off",
+             "-fno-math-errno"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _build_dir() -> Path:
+    """The torch extensions directory, as ``torch.utils.cpp_extension`` chooses it."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root) / "optserve_native"
+    return Path.home() / ".cache" / "torch_extensions" / "optserve_native"
+
+
+def build() -> Path:
+    """The compiled library's path: from the cache, else compiled now (seconds)."""
+    cxx = os.environ.get("CXX") or "c++"
+    flags = _flags()
+    source = SOURCE.encode()
+    key = hashlib.sha256(b"\0".join([source, cxx.encode(), " ".join(flags).encode(),
+                                     torch.__version__.encode()])).hexdigest()[:16]
+    out = _build_dir() / f"optserve_native_{key}.so"
+    if out.exists():
+        return out
+    compiler = shutil.which(cxx)
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler: {cxx!r} not found (set CXX)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        cpp, so = Path(tmp) / "optserve_native.cpp", Path(tmp) / "optserve_native.so"
+        cpp.write_bytes(source)
+        done = subprocess.run([compiler, *flags, str(cpp), "-o", str(so)], capture_output=True,
+                              text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
+        os.replace(so, out)  # atomic: a concurrent process loads a whole file or none
+    return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """Load the library and hand it torch's MKL sqrt (the one ATen's CPU ``sqrt`` calls)."""
+    torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    try:
+        vms, vmd = torch_cpu.vmsSqrt, torch_cpu.vmdSqrt
+    except AttributeError:
+        raise RuntimeError("torch's library exports no MKL vmsSqrt/vmdSqrt") from None
+    # MKL's own threads off in ours (see native_src); absent from a sequential MKL
+    local = getattr(torch_cpu, "MKL_Set_Num_Threads_Local", None)
+    lib = ctypes.CDLL(str(path))
+    lib.optserve_set_sqrt(*(None if f is None else ctypes.cast(f, ctypes.c_void_p)
+                            for f in (vms, vmd, local)))
+    ptr, i64, dbl, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    lib.optserve_rmsprop.argtypes = [cint, ptr, ptr, ptr, ptr, ptr, i64, dbl, dbl, dbl, dbl,
+                                     dbl, dbl, cint, cint, i64]
+    lib.optserve_adagrad.argtypes = [cint, ptr, ptr, ptr, i64, dbl, dbl, dbl, cint, cint, i64]
+    return lib
+
+
+def _prepare() -> None:
+    """Build, load and check; sets the module state. Runs on its own thread."""
+    global _lib, status
+    try:
+        t0 = time.perf_counter()
+        lib = _load(build())
+        _self_check(lib)
+    except Exception as exc:  # any failure means: keep the block path
+        status = f"unavailable: {exc}"
+        log.warning("native exact kernel not used (%s); the block path gives the same bits",
+                    exc)
+    else:
+        _lib = lib
+        status = "ready"
+        log.info("native exact kernel ready in %.1f s", time.perf_counter() - t0)
+    finally:
+        _ready.set()
+
+
+def start() -> None:
+    """Start building in the background (once per process); returns at once."""
+    global _thread, status
+    with _lock:
+        if _thread is None:
+            status = "building"
+            _thread = threading.Thread(target=_prepare, name="optserve-native", daemon=True)
+            _thread.start()
+
+
+def _after_fork_in_child() -> None:
+    """A build thread does not survive fork: a child whose parent was still building
+    starts afresh (and finds the parent's build in the cache if it got that far)."""
+    global _lock, _thread, _ready, status
+    _lock = threading.Lock()
+    if _lib is None and _thread is not None and not _ready.is_set():
+        _thread, _ready, status = None, threading.Event(), "not started"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Start if needed and wait for the outcome (tests, benchmarks): whether it is used."""
+    start()
+    _ready.wait(timeout)
+    return _lib is not None
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _usable(param: Tensor, grad: Tensor, *state: Tensor | None) -> ctypes.CDLL | None:
+    """The library, where it may run this tensor; starts the build on first call."""
+    if not enabled:
+        return None
+    if _lib is None:
+        if _thread is None:
+            start()
+        return None
+    if (param.device.type != "cpu" or param.dtype not in _DTYPES or param.numel() == 0
+            or grad.dtype != param.dtype or grad.device.type != "cpu"
+            or not flat_ok(param, *state)):
+        return None
+    size = param.element_size()  # C++ may assume aligned elements (torch.frombuffer need not)
+    if any(t is not None and t.data_ptr() % size for t in (param, grad, *state)):
+        return None
+    return _lib
+
+
+def rmsprop(param: Tensor, grad: Tensor, square_avg: Tensor, grad_avg: Tensor | None,
+            buf: Tensor | None, lr: float, alpha: float, eps: float, weight_decay: float,
+            momentum: float, maximize: bool) -> bool:
+    """``_single_tensor_rmsprop``'s loop body after ``step += 1``, in place; False (nothing
+    changed) where the native kernel is not ready or does not apply."""
+    lib = _usable(param, grad, square_avg, grad_avg, buf)
+    return lib is not None and _rmsprop(lib, param, grad, square_avg, grad_avg, buf, lr,
+                                        alpha, eps, weight_decay, momentum, maximize)
+
+
+def _rmsprop(lib: ctypes.CDLL, param: Tensor, grad: Tensor, square_avg: Tensor,
+             grad_avg: Tensor | None, buf: Tensor | None, lr: float, alpha: float, eps: float,
+             weight_decay: float, momentum: float, maximize: bool) -> bool:
+    g = grad.contiguous()
+    flags = ((_MAXIMIZE if maximize else 0) | (_WEIGHT_DECAY if weight_decay != 0 else 0)
+             | (_CENTERED if grad_avg is not None else 0) | (_MOMENTUM if buf is not None else 0))
+    rc = lib.optserve_rmsprop(_DTYPES[param.dtype], _ptr(param), _ptr(g), _ptr(square_avg),
+                              _ptr(grad_avg), _ptr(buf), param.numel(), -lr, alpha, 1 - alpha,
+                              eps, weight_decay, momentum, flags, torch.get_num_threads(),
+                              _PER_THREAD)
+    return rc == 0
+
+
+def adagrad(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float, eps: float,
+            weight_decay: float, maximize: bool) -> bool:
+    """``_single_tensor_adagrad``'s dense body after ``clr``, in place; False as above."""
+    lib = _usable(param, grad, state_sum)
+    return lib is not None and _adagrad(lib, param, grad, state_sum, clr, eps, weight_decay,
+                                        maximize)
+
+
+def _adagrad(lib: ctypes.CDLL, param: Tensor, grad: Tensor, state_sum: Tensor, clr: float,
+             eps: float, weight_decay: float, maximize: bool) -> bool:
+    g = grad.contiguous()
+    flags = (_MAXIMIZE if maximize else 0) | (_WEIGHT_DECAY if weight_decay != 0 else 0)
+    rc = lib.optserve_adagrad(_DTYPES[param.dtype], _ptr(param), _ptr(g), _ptr(state_sum),
+                              param.numel(), -clr, eps, weight_decay, flags,
+                              torch.get_num_threads(), _PER_THREAD)
+    return rc == 0
+
+
+def _self_check(lib: ctypes.CDLL) -> None:
+    """Raise unless ``lib`` matches torch's ops bitwise: every structural option and both
+    lerp branches at sizes with vector tails, plus one size split over threads."""
+    everything = {"lr": 0.01, "alpha": 0.9, "eps": 1e-8, "weight_decay": 0.1,
+                  "momentum": 0.9, "centered": True, "maximize": True}
+    for dtype, n in product(_DTYPES, (37, 8197)):
+        init, grads = _probe_inputs(dtype, n)
+        for mx, wd, centered, mom, alpha in product((False, True), (0.0, 0.1), (False, True),
+                                                    (0.0, 0.9), (0.99, 0.3)):
+            _check_rmsprop(lib, init, grads, {
+                "lr": 0.01, "alpha": alpha, "eps": 1e-8, "weight_decay": wd,
+                "momentum": mom, "centered": centered, "maximize": mx})
+        for mx, wd in product((False, True), (0.0, 0.1)):
+            _check_adagrad(lib, init, grads, {
+                "lr": 0.05, "lr_decay": 0.01, "weight_decay": wd, "eps": 1e-6,
+                "maximize": mx, "initial_accumulator_value": 0.1})
+    init, grads = _probe_inputs(torch.float32, 2 * _PER_THREAD + 3)
+    _check_rmsprop(lib, init, grads, everything)
+
+
+def _probe_inputs(dtype: torch.dtype, n: int) -> tuple[Tensor, list[Tensor]]:
+    """Parameters ~N(0, 1); gradients of random sign and magnitudes 1e-3..1e2."""
+    gen = torch.Generator().manual_seed(n)
+    init = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    grads = [((torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
+              * 10.0 ** (torch.rand(n, generator=gen, dtype=torch.float64) * 5 - 3)
+              ).to(dtype) for _ in range(3)]
+    return init, grads
+
+
+def _check_rmsprop(lib: ctypes.CDLL, init: Tensor, grads: list[Tensor], kw: dict[str, Any]
+                   ) -> None:
+    # The reference is the block path's ops (torch's own, bitwise equal to torch.optim per
+    # the conformance tests), not torch.optim: run here while another thread was inside
+    # torch.compile, torch.optim.Adagrad's float64 results changed (its lr decay, it seems).
+    from .hyperparams import RMSpropHyperparams
+    from .rmsprop import _ops
+
+    hp = RMSpropHyperparams.model_validate(kw)
+    ref, mine = [init.clone()], [init.clone()]
+    for st in (ref, mine):
+        st += [torch.zeros_like(init), torch.zeros_like(init) if hp.centered else None,
+               torch.zeros_like(init) if hp.momentum > 0 else None]
+    for g in grads:
+        _ops(ref[0], g, ref[1], ref[2], ref[3], hp, None)  # type: ignore[arg-type]
+        if not _rmsprop(lib, mine[0], g, mine[1], mine[2], mine[3], hp.lr, hp.alpha, hp.eps,
+                        hp.weight_decay, hp.momentum, hp.maximize):
+            raise RuntimeError("the native rmsprop refused a probe tensor")
+    for a, b in zip(mine, ref, strict=True):
+        if a is not None and not torch.equal(a, b):
+            raise RuntimeError(f"rmsprop {kw} {init.dtype} differs from torch's ops")
+
+
+def _check_adagrad(lib: ctypes.CDLL, init: Tensor, grads: list[Tensor], kw: dict[str, Any]
+                   ) -> None:
+    from .adagrad import _clr, _ops
+    from .hyperparams import AdagradHyperparams
+
+    hp = AdagradHyperparams.model_validate(kw)
+    ref, mine = init.clone(), init.clone()
+    ref_sum = torch.full_like(init, hp.initial_accumulator_value)
+    my_sum = ref_sum.clone()
+    for step, g in enumerate(grads, 1):
+        clr = _clr(hp, float(step))
+        _ops(ref, g, ref_sum, clr, hp)
+        if not _adagrad(lib, mine, g, my_sum, clr, hp.eps, hp.weight_decay, hp.maximize):
+            raise RuntimeError("the native adagrad refused a probe tensor")
+    if not (torch.equal(mine, ref) and torch.equal(my_sum, ref_sum)):
+        raise RuntimeError(f"adagrad {kw} {init.dtype} differs from torch's ops")
+
+
+def prebuild() -> int:
+    """Build and check now, print the outcome; 0 if usable. For an image's build step:
+    ``python -c "from optserve.optim import native; raise SystemExit(native.prebuild())"``."""
+    ok = wait(600)
+    print(f"optserve native exact kernel: {status}" + (f" ({build()})" if ok else ""))
+    return 0 if ok else 1

@@ -1,0 +1,214 @@
+"""The native exact kernel's C++ source (compiled by :mod:`optserve.optim.native`).
+
+A Python string rather than a ``.cpp`` file so that it ships in every install of the
+package (wheels carry Python modules only unless told otherwise) and the build hashes and
+compiles exactly this text.
+"""
+
+SOURCE = r"""
+// One-pass RMSprop / Adagrad update that rounds exactly as torch's CPU single-tensor path.
+//
+// Why: torch runs 5-9 ATen ops per tensor, each a pass over memory with its own overhead.
+// Here every element of a small chunk goes through the whole update while the chunk is in
+// cache, with the same IEEE operations, in the same order, as the ATen kernels:
+//   * ATen's kernels are compiled with contraction on, so `self + s*t1*t2` (addcmul) is
+//     fma(s*t1, t2, self), `add(x, alpha=a)` is fma(x, a, self), lerp is fma(w, end-self,
+//     self) (w < 0.5) or fma(w-1, end-self, end); written out below with explicit std::fma
+//     and this file is compiled with -ffp-contract=off, so nothing else is contracted.
+//   * `self + s*t1/t2` (addcdiv) is ((s*t1)/t2) + self, three roundings.
+//   * sqrt is MKL's vector sqrt, called the way ATen calls it (VML_HA), through a pointer
+//     the loader takes from torch's own library: it is not IEEE sqrt, so it is not rewritten.
+// Plain +, -, *, /, fma and the scalar casts are correctly rounded in every code path
+// (vector or scalar), so auto-vectorization cannot change a bit. The loader checks the
+// results against torch's ops before using this, and falls back if they ever differ.
+// No torch headers: a plain C ABI loaded with ctypes, so it compiles in about a second.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+#include <xmmintrin.h>
+
+namespace {
+
+// n is passed as a 64-bit integer: an LP64 MKL reads its low 32 bits (n < 2^31 here), an
+// ILP64 one all of it, so the call is right whichever MKL_INT torch was built with.
+using vml_s = void (*)(long long, const float*, float*, long long);
+using vml_d = void (*)(long long, const double*, double*, long long);
+constexpr long long kVmlMode = 0x2 | 0x140000 | 0x100;  // VML_HA|VML_FTZDAZ_OFF|ERRMODE_IGNORE
+constexpr int64_t kChunk = 8192;                         // elements per in-cache chunk
+
+// MKL_Set_Num_Threads_Local: MKL threads its vector math itself when the calling thread is
+// not inside an OpenMP region (ATen's calls are; ours are not), which fought our own
+// threads for the cores and doubled the step's time. Each of our threads sets 1 for itself.
+using mkl_local = int (*)(int);
+mkl_local g_mkl_local = nullptr;
+vml_s g_sqrt_s = nullptr;
+vml_d g_sqrt_d = nullptr;
+
+inline void vsqrt(float* x, int n) { g_sqrt_s(n, x, x, kVmlMode); }
+inline void vsqrt(double* x, int n) { g_sqrt_d(n, x, x, kVmlMode); }
+
+// Python's scalars as ATen casts them to the tensor's dtype (once, in double on the caller).
+struct Scalars {
+  double neg_lr, alpha, one_minus_alpha, eps, wd, momentum;
+};
+
+enum Flags { kMaximize = 1, kWeightDecay = 2, kCentered = 4, kMomentum = 8 };
+
+template <typename T>
+inline T grad_at(const T* g, const T* p, int64_t i, int flags, T wd) {
+  T x = (flags & kMaximize) ? -g[i] : g[i];
+  if (flags & kWeightDecay) x = std::fma(p[i], wd, x);  // grad.add(param, alpha=wd)
+  return x;
+}
+
+template <typename T>
+void rmsprop_range(T* p, const T* g, T* sa, T* ga, T* buf, int64_t begin, int64_t end,
+                   const Scalars& s, int flags) {
+  const T neg_lr = T(s.neg_lr), alpha = T(s.alpha), oma = T(s.one_minus_alpha);
+  const T eps = T(s.eps), wd = T(s.wd), mom = T(s.momentum);
+  const bool small_w = std::abs(oma) < T(0.5);
+  const T lerp_coeff = small_w ? oma : oma - T(1);
+  alignas(64) T tmp[kChunk];
+  for (int64_t c = begin; c < end; c += kChunk) {
+    const int64_t m = std::min(kChunk, end - c);
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = c + j;
+      const T x = grad_at(g, p, i, flags, wd);
+      T v = std::fma(oma * x, x, sa[i] * alpha);  // mul_(alpha).addcmul_(g, g, value=1-a)
+      sa[i] = v;
+      if (flags & kCentered) {
+        const T a = ga[i];
+        const T d = x - a;
+        const T l = std::fma(lerp_coeff, d, small_w ? a : x);  // lerp_(g, 1-alpha)
+        ga[i] = l;
+        v = std::fma(T(-1) * l, l, v);  // addcmul(ga, ga, value=-1)
+      }
+      tmp[j] = v;
+    }
+    vsqrt(tmp, static_cast<int>(m));
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = c + j;
+      const T x = grad_at(g, p, i, flags, wd);
+      const T avg = tmp[j] + eps;  // add_(eps)
+      if (flags & kMomentum) {
+        const T b = buf[i] * mom + x / avg;  // mul_(momentum).addcdiv_(g, avg)
+        buf[i] = b;
+        p[i] = std::fma(b, neg_lr, p[i]);  // add_(buf, alpha=-lr)
+      } else {
+        p[i] = p[i] + (neg_lr * x) / avg;  // addcdiv_(g, avg, value=-lr)
+      }
+    }
+  }
+}
+
+template <typename T>
+void adagrad_range(T* p, const T* g, T* sum, int64_t begin, int64_t end, const Scalars& s,
+                   int flags) {
+  const T neg_clr = T(s.neg_lr), eps = T(s.eps), wd = T(s.wd);
+  alignas(64) T tmp[kChunk];
+  for (int64_t c = begin; c < end; c += kChunk) {
+    const int64_t m = std::min(kChunk, end - c);
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = c + j;
+      const T x = grad_at(g, p, i, flags, wd);
+      const T v = std::fma(T(1) * x, x, sum[i]);  // addcmul_(g, g, value=1)
+      sum[i] = v;
+      tmp[j] = v;
+    }
+    vsqrt(tmp, static_cast<int>(m));
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = c + j;
+      const T x = grad_at(g, p, i, flags, wd);
+      const T std_ = tmp[j] + eps;                  // sqrt().add_(eps)
+      p[i] = p[i] + (neg_clr * x) / std_;           // addcdiv_(g, std, value=-clr)
+    }
+  }
+}
+
+// Runs fn over [0, n) in kChunk pieces on up to `threads` threads (the caller one of them).
+// Chunks are handed out one at a time, so a thread the OS holds back (a busy machine) only
+// delays the chunk it has. The caller's FP control word (MXCSR: flush-to-zero, rounding)
+// is set on the helpers too.
+template <typename F>
+void parallel(int64_t n, int threads, int64_t grain, F fn) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, n / grain));
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    const int prev = g_mkl_local ? g_mkl_local(1) : 0;
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      fn(c * kChunk, std::min(n, (c + 1) * kChunk));
+    }
+    if (g_mkl_local) g_mkl_local(prev);  // the caller's own setting back (0: MKL's global)
+  };
+  if (t == 1) {
+    work();
+    return;
+  }
+  const unsigned csr = _mm_getcsr();
+  std::vector<std::thread> pool;
+  for (int64_t k = 1; k < t; ++k) pool.emplace_back([&, csr] { _mm_setcsr(csr); work(); });
+  work();
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+extern "C" {
+
+void optserve_set_sqrt(void* vms, void* vmd, void* mkl_local_threads) {
+  g_mkl_local = reinterpret_cast<mkl_local>(mkl_local_threads);
+  g_sqrt_s = reinterpret_cast<vml_s>(vms);
+  g_sqrt_d = reinterpret_cast<vml_d>(vmd);
+}
+
+// dtype: 0 float32, 1 float64. Returns 0 on success.
+int optserve_rmsprop(int dtype, void* p, const void* g, void* sa, void* ga, void* buf,
+                     int64_t n, double neg_lr, double alpha, double one_minus_alpha, double eps,
+                     double wd, double momentum, int flags, int threads, int64_t grain) {
+  if (!g_sqrt_s || !g_sqrt_d) return 1;
+  const Scalars s{neg_lr, alpha, one_minus_alpha, eps, wd, momentum};
+  if (dtype == 0) {
+    parallel(n, threads, grain, [&](int64_t b, int64_t e) {
+      rmsprop_range<float>(static_cast<float*>(p), static_cast<const float*>(g),
+                           static_cast<float*>(sa), static_cast<float*>(ga),
+                           static_cast<float*>(buf), b, e, s, flags);
+    });
+  } else if (dtype == 1) {
+    parallel(n, threads, grain, [&](int64_t b, int64_t e) {
+      rmsprop_range<double>(static_cast<double*>(p), static_cast<const double*>(g),
+                            static_cast<double*>(sa), static_cast<double*>(ga),
+                            static_cast<double*>(buf), b, e, s, flags);
+    });
+  } else {
+    return 2;
+  }
+  return 0;
+}
+
+int optserve_adagrad(int dtype, void* p, const void* g, void* sum, int64_t n, double neg_clr,
+                     double eps, double wd, int flags, int threads, int64_t grain) {
+  if (!g_sqrt_s || !g_sqrt_d) return 1;
+  const Scalars s{neg_clr, 0.0, 0.0, eps, wd, 0.0};
+  if (dtype == 0) {
+    parallel(n, threads, grain, [&](int64_t b, int64_t e) {
+      adagrad_range<float>(static_cast<float*>(p), static_cast<const float*>(g),
+                           static_cast<float*>(sum), b, e, s, flags);
+    });
+  } else if (dtype == 1) {
+    parallel(n, threads, grain, [&](int64_t b, int64_t e) {
+      adagrad_range<double>(static_cast<double*>(p), static_cast<const double*>(g),
+                            static_cast<double*>(sum), b, e, s, flags);
+    });
+  } else {
+    return 2;
+  }
+  return 0;
+}
+
+}  // extern "C"
+"""
