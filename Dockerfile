@@ -56,8 +56,8 @@ RUN pip install --no-cache-dir -c /opt/constraints.txt ".[server]" \
     && python -c "import optserve.cli, torch; print('torch', torch.__version__)"
 
 # The kernels compile at run time: torch.compile's CPU code (OPTSERVE_KERNEL=compiled) needs a
-# C++ compiler, the exact C++ kernel (torch.utils.cpp_extension.load_inline) g++ and ninja,
-# and on a GPU Triton a C compiler. Without them a kernel falls back to the exact one.
+# C++ compiler, the exact native kernel (optim/native.py, built by `c++` at start-up) g++,
+# and on a GPU Triton a C compiler. Without them the exact block path gives the same bits.
 FROM base AS runtime-cpu
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -36,6 +36,7 @@ from .checks import (
     step_hyperparams,
 )
 from .errors import DomainError
+from .optim import native
 from .session import SessionMeta
 from .settings import Settings
 from .store import keys, wal
@@ -71,6 +72,8 @@ class Engine:
 
             threading.Thread(target=fused.probe, args=(self.device,), name="optserve-probe",
                              daemon=True).start()
+        if self.kernel == "exact" and self.device == "cpu":  # build the C++ kernel now
+            native.start()
         self.cache = TensorCache(settings.cache_bytes)
         self.checkpoints = Checkpoints(self)
         self._warmed: set[tuple[Any, ...]] = set()
