@@ -170,13 +170,12 @@ def test_full_body_budget_is_503_with_retry_after(thread_server: Any) -> None:
         try:
             holder.sendall(b"\0" * 850_000)
             deadline = time.monotonic() + 10
-            while True:  # until the server has read (and charged) those bytes; a step
-                # that gets through is refused by If-Match (412), so nothing changes
-                r = step(c, s["id"], {"w": torch.ones(50_000)}, headers={"if-match": '"99"'})
-                if r.status_code == 503 or time.monotonic() > deadline:
-                    break
-                assert r.status_code == 412, r.text
-                time.sleep(0.05)
+            # Until the server has read (and charged) those bytes; probing meanwhile would
+            # race the holder (whichever crosses the budget first is refused).
+            while _bytes_in_flight(c) < 850_000 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            # A step that got through would be refused by If-Match (412): nothing changes.
+            r = step(c, s["id"], {"w": torch.ones(50_000)}, headers={"if-match": '"99"'})
             assert r.status_code == 503, r.text
             _problem(503, dict(r.headers), r.json(), "server_busy")
             assert int(r.headers["retry-after"]) >= 1
@@ -205,6 +204,13 @@ def test_full_body_budget_is_503_with_retry_after(thread_server: Any) -> None:
             assert time.monotonic() < deadline, "the budget was never given back"
             time.sleep(0.1)
         assert r.status_code == 200, r.text
+
+
+def _bytes_in_flight(c: httpx.Client) -> float:
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith("optserve_request_body_bytes_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no optserve_request_body_bytes_in_flight in /metrics")
 
 
 def test_large_body_arrives_whole(thread_server: Any) -> None:
