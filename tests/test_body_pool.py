@@ -48,3 +48,20 @@ def test_memory_follows_what_arrived() -> None:
     reader.add(b"x" * 100_000)
     assert reader.buf is not None and len(reader.buf) <= 2 * max(MIN_POOLED, 100_000)
     assert pool.kept == 0
+
+
+def test_a_body_as_large_as_the_pool_is_read_into_its_kept_buffer_next_time() -> None:
+    """The small classes a body grows through are given back on its way; they must not
+    crowd out the buffer that holds the whole body (next time: no growth, no new pages)."""
+    pool = BodyPool(1 << 20)
+    data = bytes(range(256)) * 3000  # 768,000 bytes: the 1 MiB class, the whole pool
+    first = _read(pool, data, len(data))
+    assert bytes(first.body()) == data
+    whole = id(first.buf)  # not a reference: a held buffer is never kept
+    first.release()
+    assert pool.kept == 1 << 20 and [id(b) for b in pool.free[1 << 20]] == [whole]
+    second = BodyReader(pool, len(data))
+    assert id(second.buf) == whole  # taken at once, for the declared length
+    for i in range(0, len(data), 65536):
+        second.add(data[i:i + 65536])
+    assert id(second.buf) == whole and bytes(second.body()) == data

@@ -45,17 +45,31 @@ class BodyPool:
             return
         size = 1 << (used - 1).bit_length()
         # 3: `buf`, this frame's argument and getrefcount's own; anything more is a holder.
-        if sys.getrefcount(buf) > 3 or self.kept + size > self.max_bytes:
+        if sys.getrefcount(buf) > 3 or size > self.max_bytes:
             return
         kept = self.free.setdefault(size, [])
-        if len(kept) >= PER_CLASS:
+        if len(kept) >= PER_CLASS or self.kept - self._smaller(size) + size > self.max_bytes:
             return
         try:
             buf.extend(bytes(size - used))  # back to its class: fails while views exist
         except BufferError:
             return
+        self._evict_below(size, room=size)
         kept.append(buf)
         self.kept += size
+
+    def _smaller(self, size: int) -> int:
+        return sum(cls * len(bufs) for cls, bufs in self.free.items() if cls < size)
+
+    def _evict_below(self, size: int, room: int) -> None:
+        """Drop kept buffers of smaller classes, smallest first, until `room` fits: a body
+        that grew through the small classes gives them back on its way, and without this
+        they would crowd out the one buffer that holds the whole body next time."""
+        for cls in sorted(c for c in self.free if c < size):
+            bufs = self.free[cls]
+            while bufs and self.kept + room > self.max_bytes:
+                bufs.pop()
+                self.kept -= cls
 
 
 class BodyReader:
