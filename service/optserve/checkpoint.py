@@ -193,11 +193,6 @@ class Checkpoints:
         finally:
             self.writing.discard(sid)
 
-    async def drain(self) -> None:
-        """Wait for the background checkpoints under way (shutdown, tests)."""
-        while self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
-
 
 def _clone(loaded: Loaded) -> Loaded:
     with torch.no_grad():

@@ -21,7 +21,7 @@ from .cache import Loaded, nbytes
 from .errors import DomainError
 from .session import SessionMeta
 from .store import keys
-from .tensors import from_bytes, to_bytes
+from .tensors import from_bytes
 
 
 def numel(t: WireTensor | torch.Tensor) -> int:
@@ -68,21 +68,6 @@ def momentum_switched_on(meta: SessionMeta, new_meta: SessionMeta | None,
         if st.pop("momentum_buffer", None) is not None:
             stale.append(keys.state_field(name, "momentum_buffer"))
     return stale
-
-
-def apply_and_pack(opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
-                   grads: Mapping[str, WireTensor | torch.Tensor], *,
-                   device: torch.device, kernel: optim.KernelName
-                   ) -> tuple[dict[str, memoryview], dict[str, float | None]]:
-    """The step, then the changed tensors as the Redis fields to write."""
-    touched, stats = apply(opt, hp, loaded, grads, device=device, kernel=kernel)
-    fields: dict[str, memoryview] = {}
-    for name in touched:
-        fields[keys.param_field(name)] = to_bytes(loaded.params[name])
-        for key, t in loaded.state.get(name, {}).items():
-            fields[keys.state_field(name, key)] = to_bytes(t)
-    loaded.count_bytes()
-    return fields, stats
 
 
 def apply(opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
