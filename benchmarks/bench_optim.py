@@ -1,5 +1,6 @@
 """RMSprop step time: torch.optim.RMSprop (its CPU default) vs optserve's exact paths (the
-default, native: one C++ pass; and the block path it falls back to) vs compiled.
+default, native: one C++ pass, with its own sqrt and with MKL's; and the block path it
+falls back to) vs compiled.
 
 Prints a markdown table (median ms per step and speed-ups over torch) and the machine.
 The contenders are timed round-robin, so load from neighbours hits all of them alike.
@@ -24,7 +25,7 @@ import torch
 from _common import ROOT, cpu_model
 
 from optserve import optim
-from optserve.optim import native
+from optserve.optim import native, native_sqrt
 
 sys.path.insert(0, str(ROOT / "tests"))
 from optim_cases import ROWS, make_grads, make_params, norm_rel_err, run_torch
@@ -72,7 +73,7 @@ def bench(numel: int, hp_values: dict[str, object], budget_s: float) -> dict[str
 
     tparam = torch.nn.Parameter(init.clone())
     topt = torch.optim.RMSprop([tparam], **hp.torch_kwargs())
-    names = ("exact", "blocks", "compiled")
+    names = ("exact", "mkl-sqrt", "blocks", "compiled")
     params = {k: {"w": init.clone()} for k in names}
     states: dict[str, dict[str, dict[str, torch.Tensor]]] = {k: {} for k in names}
     counter = {"torch": 0, **{k: 0 for k in names}}
@@ -87,11 +88,15 @@ def bench(numel: int, hp_values: dict[str, object], budget_s: float) -> dict[str
 
         def run() -> None:
             native.enabled = name != "blocks"
+            if name == "mkl-sqrt" and native._lib is not None:
+                native_sqrt.disable(native._lib)
             try:
                 optim.step(opt, params[name], {"w": grads[counter[name] % 2]}, states[name],
                            hp, kernel=kernel)
             finally:
                 native.enabled = True
+                if native._lib is not None and native_sqrt.status == "on":
+                    native._lib.optserve_fast_sqrt(1)
             counter[name] += 1
         return run
 
@@ -104,18 +109,21 @@ def speed(sizes: list[float], budget: float) -> None:
     """The markdown speed table."""
     if not native.wait(300):
         print(f"(the native kernel is unavailable: {native.status}; exact = blocks)\n")
+    elif not native_sqrt.wait(600):
+        print(f"(the native kernel's own sqrt is {native_sqrt.status}: MKL's in both)\n")
     print("| config | elements | torch.optim.RMSprop ms | exact (native, default) ms "
-          "| exact, block path ms | compiled ms | native speed-up | blocks speed-up "
-          "| compiled speed-up |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| native with MKL's sqrt ms | exact, block path ms | compiled ms "
+          "| native speed-up | MKL-sqrt speed-up | blocks speed-up | compiled speed-up |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for cname, values in CONFIGS.items():
         for size in sizes:
             n = int(size)
             r = bench(n, values, budget)
-            print(f"| {cname} | {n:.0e} | {r['torch'] * 1e3:.3f} | {r['exact'] * 1e3:.3f} "
-                  f"| {r['blocks'] * 1e3:.3f} | {r['compiled'] * 1e3:.3f} "
-                  f"| {r['torch'] / r['exact']:.2f}x | {r['torch'] / r['blocks']:.2f}x "
-                  f"| {r['torch'] / r['compiled']:.2f}x |", flush=True)
+            cells = [f"{r[k] * 1e3:.3f}" for k in ("torch", "exact", "mkl-sqrt", "blocks",
+                                                       "compiled")]
+            ups = [f"{r['torch'] / r[k]:.2f}x" for k in ("exact", "mkl-sqrt", "blocks",
+                                                         "compiled")]
+            print(f"| {cname} | {n:.0e} | " + " | ".join(cells + ups) + " |", flush=True)
 
 
 def tolerance(steps: int, numel: int) -> None:

@@ -23,23 +23,34 @@ import torch
 from optim_cases import ROWS, assert_same, make_grads, make_params, run_ours, run_torch
 
 from optserve import optim
-from optserve.optim import exact, native
+from optserve.optim import exact, native, native_sqrt
 
 HAS_CXX = shutil.which(os.environ.get("CXX") or "c++") is not None
 NATIVE_ROWS = [(o, r) for o in ("rmsprop", "adagrad") for r in ROWS[o]]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["native", "blocks"])
+@pytest.fixture(params=["native", "native-mkl-sqrt", "blocks"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Run the test on one exact path; the native one must be ready where a compiler is."""
-    if request.param == "native":
-        if not HAS_CXX:
-            pytest.skip("no C++ compiler: the native kernel cannot be built here")
-        assert native.wait(300), native.status
-    else:
+    """Run the test on one exact path; the native one must be ready where a compiler is.
+    ``native`` uses its own sqrt where this machine proved it equal to MKL's
+    (``native_sqrt``), ``native-mkl-sqrt`` calls MKL's as ATen does."""
+    if request.param == "blocks":
         monkeypatch.setattr(native, "enabled", False)
-    yield request.param
+        yield request.param
+        return
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler: the native kernel cannot be built here")
+    assert native.wait(300), native.status
+    assert native_sqrt.wait(300) or native_sqrt.status.startswith("off"), native_sqrt.status
+    lib = native._lib
+    assert lib is not None
+    if request.param == "native-mkl-sqrt":
+        native_sqrt.disable(lib)
+    try:
+        yield request.param
+    finally:
+        lib.optserve_fast_sqrt(1 if native_sqrt.status == "on" else 0)
 
 
 def _sizes(dtype: torch.dtype) -> dict[str, tuple[int, ...]]:

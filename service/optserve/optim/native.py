@@ -25,6 +25,7 @@ How it stays exact and never in the way:
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import logging
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import native_sqrt
 from .base import flat_ok
 from .native_src import SOURCE
 
@@ -55,6 +57,7 @@ _MAXIMIZE, _WEIGHT_DECAY, _CENTERED, _MOMENTUM = 1, 2, 4, 8
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
 _ready = threading.Event()
+_stopping = threading.Event()
 _lib: ctypes.CDLL | None = None
 enabled = True
 """False keeps every update on the block path (tests and benchmarks compare the two)."""
@@ -64,8 +67,8 @@ status = "not started"
 
 def _flags() -> list[str]:
     """Compiler flags; ``-ffp-contract=off`` so only the written ``fma`` calls fuse."""
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off",
-             "-fno-math-errno"]
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp",
+             "-ffp-contract=off", "-fno-math-errno"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return flags
@@ -129,6 +132,8 @@ def _prepare() -> None:
     try:
         t0 = time.perf_counter()
         lib = _load(build())
+        if _stopping.is_set():
+            raise RuntimeError("the process is exiting")
         _self_check(lib)
     except Exception as exc:  # any failure means: keep the block path
         status = f"unavailable: {exc}"
@@ -140,6 +145,33 @@ def _prepare() -> None:
         log.info("native exact kernel ready in %.1f s", time.perf_counter() - t0)
     finally:
         _ready.set()
+    if _lib is not None and not _stopping.is_set():
+        _prepare_sqrt(_lib)
+
+
+def _prepare_sqrt(lib: ctypes.CDLL) -> None:
+    """Its own sqrt once proved equal to MKL's here (``native_sqrt``), and the whole kernel
+    checked again with it; runs after the kernel is in use, which changes no bit."""
+    if native_sqrt.enable(lib, build(), _stopping):
+        try:
+            _self_check(lib)
+        except Exception as exc:
+            native_sqrt.disable(lib)
+            native_sqrt.status = f"off: {exc}"
+            log.warning("native fast sqrt not used: %s", exc)
+
+
+def _at_exit() -> None:
+    """Let the build thread finish its current step before the interpreter goes: torch ops
+    on a daemon thread that outlives it abort the process (the thread is unwound through
+    torch's noexcept frames). Every step after the compiler's checks ``_stopping`` first."""
+    _stopping.set()
+    thread = _thread
+    if thread is not None and thread.is_alive():
+        thread.join(30)
+
+
+atexit.register(_at_exit)
 
 
 def start() -> None:
