@@ -5,8 +5,9 @@ dispatch cost; blocks of torch ops from Python (:mod:`optserve.optim.exact`) kee
 in cache but still pay every op's fixed cost per block, which held them at ~1.9x torch.
 The C++ runs the whole RMSprop or Adagrad update per element while an 8192-element
 chunk is in cache, rounding op for op as the ATen kernels do and calling the very sqrt
-ATen calls (MKL's ``vmsSqrt``/``vmdSqrt``, taken from torch's own library), over
-``torch.get_num_threads()`` threads.
+ATen calls (MKL's ``vmsSqrt``/``vmdSqrt``, taken from torch's own library, or for float32
+the same algorithm inline once proved equal here: :mod:`optserve.optim.native_sqrt`), over
+``torch.get_num_threads()`` threads of torch's own OpenMP runtime.
 
 How it stays exact and never in the way:
 
