@@ -170,3 +170,33 @@ def test_every_refusal_reply_is_classified(reply: str, code: str) -> None:
     assert domain is not None and domain.code == code and domain.retry_after
     assert classify(BaseParser.parse_error("ERR unknown command 'FOO'")) is None
     assert classify(BaseParser.parse_error("WRONGTYPE Operation against a key")) is None
+
+
+def test_a_closed_transport_is_a_lost_connection(redis_url: str) -> None:
+    """Under uvloop (what `optserve serve` runs), writing on a connection whose transport
+    the peer already closed raised RuntimeError ("the handler is closed"), which became a
+    500 when a cluster node was killed mid-stream; our clients raise redis-py's
+    ConnectionError (503, retried or re-routed) and the next command reconnects."""
+    import asyncio
+
+    import uvloop
+
+    from optserve.store.clients import make_redis
+
+    async def run() -> str:
+        client = make_redis(redis_url, 5.0, 4)
+        try:
+            conn = await client.connection_pool.get_connection()
+            await conn.send_command("PING")
+            assert await conn.read_response() == b"PONG"
+            conn._writer.transport.close()  # as a reset from the peer closes it
+            await asyncio.sleep(0.05)
+            with pytest.raises(redis.ConnectionError, match="connection was closed"):
+                await conn.send_command("PING")
+            await client.connection_pool.release(conn)
+            return str(await client.ping())
+        finally:
+            await client.aclose()
+            await client.connection_pool.disconnect()
+
+    assert uvloop.run(run()) == "True"

@@ -42,3 +42,37 @@ def test_a_block_whose_float32_sum_overflows_is_summed_in_float64() -> None:
                     track_update=True)["w"]
     want = n * 1e40
     assert math.isfinite(sq) and math.isclose(sq, want, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "hp"), [("rmsprop", {"momentum": 0.9, "centered": True}),
+                                         ("rmsprop", {"weight_decay": 0.1, "maximize": True}),
+                                         ("adagrad", {"lr_decay": 0.01})])
+def test_native_kernel_sums_in_its_own_pass(name: str, hp: dict) -> None:
+    """Where the native kernel runs, it reports the gradient's and update's sums of squares
+    and the accumulator's sum (no copy of the parameters taken), equal to torch's float64
+    sums of the same tensors; the first step (no state yet) measures the usual way."""
+    from optserve.optim import native
+
+    assert native.wait(300), native.status
+    n = 3 * 8192 + 11
+    gen = torch.Generator().manual_seed(5)
+    p = torch.randn(n, generator=gen)
+    opt = optim.get_optimizer(name)
+    model = opt.hyperparams.model_validate(hp)
+    state: dict = {}
+    for i in range(3):
+        g = torch.randn(n, generator=gen)
+        before = p.clone()
+        totals: dict = {}
+        sq = optim.step(opt, {"w": p}, {"w": g}, state, model, track_update=True,
+                        totals=totals)["w"]
+        want = float(torch.linalg.vector_norm(p - before, dtype=torch.float64)) ** 2
+        if i == 0:  # a float32 sum of the difference (see above)
+            assert totals == {} and math.isclose(sq, want, rel_tol=1e-4)
+            continue
+        assert math.isclose(sq, want, rel_tol=1e-9)  # the kernel sums in double
+        t = totals["w"]
+        assert t.update_sq == sq
+        assert math.isclose(t.grad_sq, float((g.double() ** 2).sum()), rel_tol=1e-12)
+        acc = state["w"]["square_avg" if name == "rmsprop" else "sum"]
+        assert math.isclose(t.acc_sum, float(acc.double().sum()), rel_tol=1e-12)

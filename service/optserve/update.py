@@ -82,13 +82,18 @@ def apply(opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
     }
     touched = sorted(tgrads)
     with torch.no_grad():
-        grad_norm = _norm(tgrads.values())
+        totals: dict[str, Any] = {}  # the native kernel's sums, by name (see optim.step)
         update_sq = optim.step(opt, loaded.params, tgrads, loaded.state, hp,
-                               kernel=kernel, track_update=True)
+                               kernel=kernel, track_update=True, totals=totals)
+        # gradients are read-only: their norm after the step is the norm before it
+        rest = [t for n, t in tgrads.items() if n not in totals]
+        grad_norm = math.sqrt(_norm(rest) ** 2 + sum(t.grad_sq for t in totals.values()))
         # The old parameters are finite, so a finite update norm proves the new ones are:
-        # the norm (from the compiled kernel's own pass) serves as the check.
+        # the norm (from the compiled or native kernel's own pass) serves as the check.
         update_norm: float | None = math.sqrt(sum(update_sq.values()))
-        if not math.isfinite(update_norm) or not _accumulators_finite(opt, loaded, touched):
+        acc_ok = all(math.isfinite(t.acc_sum) for t in totals.values()) \
+            and _accumulators_finite(opt, loaded, [n for n in touched if n not in totals])
+        if not math.isfinite(update_norm) or not acc_ok:
             refuse_non_finite(loaded, tgrads, touched)  # exact; this path is rare
             if not math.isfinite(update_norm):
                 update_norm = None  # a float32 sum overflowed; the tensors are finite

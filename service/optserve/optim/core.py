@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import fused as _fused
+from . import native as _native
 from .adagrad import ADAGRAD
 from .base import OptimizerDef, ParamState
 from .rmsprop import RMSPROP
@@ -73,7 +74,8 @@ KernelName = Literal["exact", "compiled"]
 
 def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tensor | None],
          state: dict[str, ParamState], hp: Any, *, kernel: KernelName = "exact",
-         track_update: bool = False, fused: bool | None = None) -> dict[str, float]:
+         track_update: bool = False, fused: bool | None = None,
+         totals: dict[str, _native.Totals] | None = None) -> dict[str, float]:
     """One optimizer step, in place, like ``torch.optim.<X>.step()`` with these gradients.
 
     A missing or None gradient leaves its parameter and state alone (no step counted);
@@ -93,6 +95,9 @@ def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tenso
     ``||new - old||^2`` (the stats' "last update norm"): from the compiled kernel's own pass,
     or on the exact path from a copy of the old values (an extra pass, hence opt-in). It
     may be inf when a float32 sum overflowed: callers check the tensors themselves then.
+    Where the native kernel updates a tensor it sums these itself, in double, in the same
+    pass; with ``totals`` given, its full sums for those tensors (gradient, update and
+    accumulator; see ``native.Totals``) are put there by name.
     """
     if fused is not None:
         kernel = "compiled" if fused else "exact"
@@ -119,10 +124,20 @@ def step(opt: OptimizerDef, params: dict[str, Tensor], grads: Mapping[str, Tenso
             if param.device.type != "cpu":
                 device_work.append((name, param, grad))
                 continue
-            before = param.clone() if track_update else None
+            if track_update:
+                with _native.collect(param, grad, st) as sums:
+                    before = None if sums is not None else param.clone()
+                    opt.update(param, grad, st, hp)
+                if sums is not None and sums.filled:
+                    update_sq[name] = sums.update_sq
+                    if totals is not None:
+                        totals[name] = sums
+                elif before is not None:
+                    update_sq[name] = _sq_norm(param, before)
+                else:  # the kernel declined after all: unknown, callers check the tensors
+                    update_sq[name] = math.inf
+                continue
             opt.update(param, grad, st, hp)
-            if before is not None:
-                update_sq[name] = _sq_norm(param, before)
         if device_work:
             olds = [p.clone() for _, p, _ in device_work] if track_update else None
             opt.foreach_update([p for _, p, _ in device_work], [g for _, _, g in device_work],

@@ -36,14 +36,15 @@ import subprocess
 import tempfile
 import threading
 import time
-from itertools import product
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import native_sqrt
+from . import native_check, native_sqrt
 from .base import flat_ok
 from .native_src import SOURCE
 
@@ -122,8 +123,9 @@ def _load(path: Path) -> ctypes.CDLL:
                             for f in (vms, vmd, local)))
     ptr, i64, dbl, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.optserve_rmsprop.argtypes = [cint, ptr, ptr, ptr, ptr, ptr, i64, dbl, dbl, dbl, dbl,
-                                     dbl, dbl, cint, cint, i64]
-    lib.optserve_adagrad.argtypes = [cint, ptr, ptr, ptr, i64, dbl, dbl, dbl, cint, cint, i64]
+                                     dbl, dbl, cint, cint, i64, ptr]
+    lib.optserve_adagrad.argtypes = [cint, ptr, ptr, ptr, i64, dbl, dbl, dbl, cint, cint, i64,
+                                     ptr]
     return lib
 
 
@@ -135,7 +137,7 @@ def _prepare() -> None:
         lib = _load(build())
         if _stopping.is_set():
             raise RuntimeError("the process is exiting")
-        _self_check(lib)
+        native_check.self_check(lib)
     except Exception as exc:  # any failure means: keep the block path
         status = f"unavailable: {exc}"
         log.warning("native exact kernel not used (%s); the block path gives the same bits",
@@ -155,7 +157,7 @@ def _prepare_sqrt(lib: ctypes.CDLL) -> None:
     checked again with it; runs after the kernel is in use, which changes no bit."""
     if native_sqrt.enable(lib, build(), _stopping):
         try:
-            _self_check(lib)
+            native_check.self_check(lib)
         except Exception as exc:
             native_sqrt.disable(lib)
             native_sqrt.status = f"off: {exc}"
@@ -204,6 +206,47 @@ def wait(timeout: float | None = None) -> bool:
     return _lib is not None
 
 
+class Totals(ctypes.Structure):
+    """What a step's callers need besides the update, summed by the kernel while each chunk
+    is in cache (three passes over memory fewer): the gradient's and the update's
+    (new - old) sums of squares, and the accumulator's sum (``square_avg`` or ``sum``; it
+    is >= 0, so it is finite iff every element is). ``filled`` once the kernel ran."""
+
+    _fields_ = [("grad_sq", ctypes.c_double), ("update_sq", ctypes.c_double),
+                ("acc_sum", ctypes.c_double)]
+    filled = False
+
+
+_sink = threading.local()
+
+
+@contextmanager
+def collect(param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> Iterator[Totals | None]:
+    """``with native.collect(param, grad, state) as totals:`` around one ``update``: where the
+    kernel will certainly take this tensor (ready, and ``param``, ``grad`` and the state
+    already there are its kind), ``totals`` is a :class:`Totals` it fills; else None, and
+    the caller measures for itself (before the update, as it must)."""
+    tensors = [t for t in state.values() if t.dim() > 0]
+    certain = bool(state) and _usable(param, grad, *tensors) is not None
+    _sink.totals = Totals() if certain else None
+    try:
+        yield _sink.totals
+    finally:
+        _sink.totals = None
+
+
+def _totals_ptr() -> Any:
+    totals = getattr(_sink, "totals", None)
+    return None if totals is None else ctypes.byref(totals)
+
+
+def _done(rc: int) -> bool:
+    totals = getattr(_sink, "totals", None)
+    if rc == 0 and totals is not None:
+        totals.filled = True
+    return rc == 0
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -245,8 +288,8 @@ def _rmsprop(lib: ctypes.CDLL, param: Tensor, grad: Tensor, square_avg: Tensor,
     rc = lib.optserve_rmsprop(_DTYPES[param.dtype], _ptr(param), _ptr(g), _ptr(square_avg),
                               _ptr(grad_avg), _ptr(buf), param.numel(), -lr, alpha, 1 - alpha,
                               eps, weight_decay, momentum, flags, torch.get_num_threads(),
-                              _PER_THREAD)
-    return rc == 0
+                              _PER_THREAD, _totals_ptr())
+    return _done(rc)
 
 
 def adagrad(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float, eps: float,
@@ -263,79 +306,8 @@ def _adagrad(lib: ctypes.CDLL, param: Tensor, grad: Tensor, state_sum: Tensor, c
     flags = (_MAXIMIZE if maximize else 0) | (_WEIGHT_DECAY if weight_decay != 0 else 0)
     rc = lib.optserve_adagrad(_DTYPES[param.dtype], _ptr(param), _ptr(g), _ptr(state_sum),
                               param.numel(), -clr, eps, weight_decay, flags,
-                              torch.get_num_threads(), _PER_THREAD)
-    return rc == 0
-
-
-def _self_check(lib: ctypes.CDLL) -> None:
-    """Raise unless ``lib`` matches torch's ops bitwise: every structural option and both
-    lerp branches at sizes with vector tails, plus one size split over threads."""
-    everything = {"lr": 0.01, "alpha": 0.9, "eps": 1e-8, "weight_decay": 0.1,
-                  "momentum": 0.9, "centered": True, "maximize": True}
-    for dtype, n in product(_DTYPES, (37, 8197)):
-        init, grads = _probe_inputs(dtype, n)
-        for mx, wd, centered, mom, alpha in product((False, True), (0.0, 0.1), (False, True),
-                                                    (0.0, 0.9), (0.99, 0.3)):
-            _check_rmsprop(lib, init, grads, {
-                "lr": 0.01, "alpha": alpha, "eps": 1e-8, "weight_decay": wd,
-                "momentum": mom, "centered": centered, "maximize": mx})
-        for mx, wd in product((False, True), (0.0, 0.1)):
-            _check_adagrad(lib, init, grads, {
-                "lr": 0.05, "lr_decay": 0.01, "weight_decay": wd, "eps": 1e-6,
-                "maximize": mx, "initial_accumulator_value": 0.1})
-    init, grads = _probe_inputs(torch.float32, 2 * _PER_THREAD + 3)
-    _check_rmsprop(lib, init, grads, everything)
-
-
-def _probe_inputs(dtype: torch.dtype, n: int) -> tuple[Tensor, list[Tensor]]:
-    """Parameters ~N(0, 1); gradients of random sign and magnitudes 1e-3..1e2."""
-    gen = torch.Generator().manual_seed(n)
-    init = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-    grads = [((torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
-              * 10.0 ** (torch.rand(n, generator=gen, dtype=torch.float64) * 5 - 3)
-              ).to(dtype) for _ in range(3)]
-    return init, grads
-
-
-def _check_rmsprop(lib: ctypes.CDLL, init: Tensor, grads: list[Tensor], kw: dict[str, Any]
-                   ) -> None:
-    # The reference is the block path's ops (torch's own, bitwise equal to torch.optim per
-    # the conformance tests), not torch.optim: run here while another thread was inside
-    # torch.compile, torch.optim.Adagrad's float64 results changed (its lr decay, it seems).
-    from .hyperparams import RMSpropHyperparams
-    from .rmsprop import _ops
-
-    hp = RMSpropHyperparams.model_validate(kw)
-    ref, mine = [init.clone()], [init.clone()]
-    for st in (ref, mine):
-        st += [torch.zeros_like(init), torch.zeros_like(init) if hp.centered else None,
-               torch.zeros_like(init) if hp.momentum > 0 else None]
-    for g in grads:
-        _ops(ref[0], g, ref[1], ref[2], ref[3], hp, None)  # type: ignore[arg-type]
-        if not _rmsprop(lib, mine[0], g, mine[1], mine[2], mine[3], hp.lr, hp.alpha, hp.eps,
-                        hp.weight_decay, hp.momentum, hp.maximize):
-            raise RuntimeError("the native rmsprop refused a probe tensor")
-    for a, b in zip(mine, ref, strict=True):
-        if a is not None and not torch.equal(a, b):
-            raise RuntimeError(f"rmsprop {kw} {init.dtype} differs from torch's ops")
-
-
-def _check_adagrad(lib: ctypes.CDLL, init: Tensor, grads: list[Tensor], kw: dict[str, Any]
-                   ) -> None:
-    from .adagrad import _clr, _ops
-    from .hyperparams import AdagradHyperparams
-
-    hp = AdagradHyperparams.model_validate(kw)
-    ref, mine = init.clone(), init.clone()
-    ref_sum = torch.full_like(init, hp.initial_accumulator_value)
-    my_sum = ref_sum.clone()
-    for step, g in enumerate(grads, 1):
-        clr = _clr(hp, float(step))
-        _ops(ref, g, ref_sum, clr, hp)
-        if not _adagrad(lib, mine, g, my_sum, clr, hp.eps, hp.weight_decay, hp.maximize):
-            raise RuntimeError("the native adagrad refused a probe tensor")
-    if not (torch.equal(mine, ref) and torch.equal(my_sum, ref_sum)):
-        raise RuntimeError(f"adagrad {kw} {init.dtype} differs from torch's ops")
+                              torch.get_num_threads(), _PER_THREAD, _totals_ptr())
+    return _done(rc)
 
 
 def prebuild() -> int:

@@ -5,7 +5,9 @@ package (wheels carry Python modules only unless told otherwise) and the build h
 compiles exactly this text.
 """
 
-SOURCE = r"""
+from .native_sqrt_src import API, INTERNAL
+
+_TEMPLATE = r"""
 // One-pass RMSprop / Adagrad update that rounds exactly as torch's CPU single-tensor path.
 //
 // Why: torch runs 5-9 ATen ops per tensor, each a pass over memory with its own overhead.
@@ -49,58 +51,7 @@ mkl_local g_mkl_local = nullptr;
 vml_s g_sqrt_s = nullptr;
 vml_d g_sqrt_d = nullptr;
 
-// MKL's float sqrt as its SSE kernel for CPUs other than Intel's computes it (the one that
-// runs on the AMD machines we measured): an rsqrtps estimate, then one Newton-Raphson /
-// Goldschmidt correction in separate multiplies and adds. Same instructions, same
-// roundings, so the same bits on the CPU that runs both, at a fraction of MKL's cost (it
-// calls this per 16 elements with spills around it). Lanes MKL sends to its rare path
-// (zero, subnormal, negative, inf, NaN, within 2^-12 of FLT_MAX) go to MKL itself. Used only
-// after optserve_sqrt_check found it equal to MKL for every normal float on this machine
-// (see native_sqrt.py), and only while MXCSR is what MKL sets for its own work.
-std::atomic<int> g_fast_sqrt{0};
-constexpr unsigned kMklCsr = 0x1f80;  // all exceptions masked, round to nearest, no FTZ/DAZ
-
-#ifdef __AVX2__
-constexpr int kFastSqrt = 1;
-// The 8 results in place; or, if any lane is one MKL treats as special, nothing and false.
-inline bool sqrt8(float* x) {
-  const __m256 v = _mm256_loadu_ps(x);
-  const __m256i special = _mm256_cmpgt_epi32(
-      _mm256_add_epi32(_mm256_castps_si256(v), _mm256_set1_epi32(0x7f800000)),
-      _mm256_set1_epi32(static_cast<int>(0xfefff000u)));
-  if (_mm256_movemask_epi8(special)) return false;
-  const __m256 half = _mm256_set1_ps(0.5f);
-  const __m256 y = _mm256_rsqrt_ps(v);
-  const __m256 s = _mm256_mul_ps(v, y);
-  const __m256 h = _mm256_mul_ps(y, half);
-  const __m256 e = _mm256_sub_ps(half, _mm256_mul_ps(s, h));
-  const __m256 s1 = _mm256_add_ps(_mm256_mul_ps(s, e), s);
-  const __m256 h1 = _mm256_add_ps(_mm256_mul_ps(h, e), h);
-  const __m256 r = _mm256_sub_ps(v, _mm256_mul_ps(s1, s1));
-  _mm256_storeu_ps(x, _mm256_add_ps(_mm256_mul_ps(r, h1), s1));
-  return true;
-}
-
-void fast_sqrt(float* x, int n) {
-  int i = 0;
-  for (; i + 8 <= n; i += 8) {
-    if (!sqrt8(x + i)) g_sqrt_s(8, x + i, x + i, kVmlMode);
-  }
-  if (i < n) g_sqrt_s(n - i, x + i, x + i, kVmlMode);
-}
-#else
-constexpr int kFastSqrt = 0;
-void fast_sqrt(float* x, int n) { g_sqrt_s(n, x, x, kVmlMode); }
-#endif
-
-inline void vsqrt(float* x, int n) {
-  if (g_fast_sqrt.load(std::memory_order_relaxed) && (_mm_getcsr() & 0xffc0u) == kMklCsr) {
-    fast_sqrt(x, n);
-  } else {
-    g_sqrt_s(n, x, x, kVmlMode);
-  }
-}
-inline void vsqrt(double* x, int n) { g_sqrt_d(n, x, x, kVmlMode); }
+// @fast-sqrt@ (native_sqrt_src.INTERNAL: vsqrt for float and double)
 
 // Python's scalars as ATen casts them to the tensor's dtype (once, in double on the caller).
 struct Scalars {
@@ -108,6 +59,39 @@ struct Scalars {
 };
 
 enum Flags { kMaximize = 1, kWeightDecay = 2, kCentered = 4, kMomentum = 8 };
+
+// What the service reports and checks after a step, summed in double while each chunk is
+// still in cache (otherwise three more passes over memory): the gradient's sum of squares,
+// the update's (new - old, rounded in T, as torch.sub gives it), and the accumulator's sum
+// (>= 0, so finite iff every element is).
+struct Totals {
+  double grad_sq, update_sq, acc_sum;
+};
+
+template <typename T>
+double sum_sq(const T* x, int64_t m) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < m; ++j) acc += static_cast<double>(x[j]) * static_cast<double>(x[j]);
+  return acc;
+}
+
+template <typename T>
+double sum_of(const T* x, int64_t m) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < m; ++j) acc += static_cast<double>(x[j]);
+  return acc;
+}
+
+inline void add_totals(Totals* out, double g, double u, double a) {
+#pragma omp critical(optserve_totals)
+  {
+    out->grad_sq += g;
+    out->update_sq += u;
+    out->acc_sum += a;
+  }
+}
 
 template <typename T>
 inline T grad_at(const T* g, const T* p, int64_t i, int flags, T wd) {
@@ -118,12 +102,13 @@ inline T grad_at(const T* g, const T* p, int64_t i, int flags, T wd) {
 
 template <typename T>
 void rmsprop_range(T* p, const T* g, T* sa, T* ga, T* buf, int64_t begin, int64_t end,
-                   const Scalars& s, int flags) {
+                   const Scalars& s, int flags, Totals* out) {
   const T neg_lr = T(s.neg_lr), alpha = T(s.alpha), oma = T(s.one_minus_alpha);
   const T eps = T(s.eps), wd = T(s.wd), mom = T(s.momentum);
   const bool small_w = std::abs(oma) < T(0.5);
   const T lerp_coeff = small_w ? oma : oma - T(1);
   alignas(64) T tmp[kChunk];
+  double tg = 0.0, tu = 0.0, ta = 0.0;
   for (int64_t c = begin; c < end; c += kChunk) {
     const int64_t m = std::min(kChunk, end - c);
     for (int64_t j = 0; j < m; ++j) {
@@ -141,26 +126,37 @@ void rmsprop_range(T* p, const T* g, T* sa, T* ga, T* buf, int64_t begin, int64_
       tmp[j] = v;
     }
     vsqrt(tmp, static_cast<int>(m));
+    if (out) {
+      tg += sum_sq(g + c, m);
+      ta += sum_of(sa + c, m);
+    }
     for (int64_t j = 0; j < m; ++j) {
       const int64_t i = c + j;
       const T x = grad_at(g, p, i, flags, wd);
       const T avg = tmp[j] + eps;  // add_(eps)
+      const T old = p[i];
+      T now;
       if (flags & kMomentum) {
         const T b = buf[i] * mom + x / avg;  // mul_(momentum).addcdiv_(g, avg)
         buf[i] = b;
-        p[i] = std::fma(b, neg_lr, p[i]);  // add_(buf, alpha=-lr)
+        now = std::fma(b, neg_lr, old);  // add_(buf, alpha=-lr)
       } else {
-        p[i] = p[i] + (neg_lr * x) / avg;  // addcdiv_(g, avg, value=-lr)
+        now = old + (neg_lr * x) / avg;  // addcdiv_(g, avg, value=-lr)
       }
+      p[i] = now;
+      tmp[j] = now - old;
     }
+    if (out) tu += sum_sq(tmp, m);
   }
+  if (out) add_totals(out, tg, tu, ta);
 }
 
 template <typename T>
 void adagrad_range(T* p, const T* g, T* sum, int64_t begin, int64_t end, const Scalars& s,
-                   int flags) {
+                   int flags, Totals* out) {
   const T neg_clr = T(s.neg_lr), eps = T(s.eps), wd = T(s.wd);
   alignas(64) T tmp[kChunk];
+  double tg = 0.0, tu = 0.0, ta = 0.0;
   for (int64_t c = begin; c < end; c += kChunk) {
     const int64_t m = std::min(kChunk, end - c);
     for (int64_t j = 0; j < m; ++j) {
@@ -171,13 +167,22 @@ void adagrad_range(T* p, const T* g, T* sum, int64_t begin, int64_t end, const S
       tmp[j] = v;
     }
     vsqrt(tmp, static_cast<int>(m));
+    if (out) {
+      tg += sum_sq(g + c, m);
+      ta += sum_of(sum + c, m);
+    }
     for (int64_t j = 0; j < m; ++j) {
       const int64_t i = c + j;
       const T x = grad_at(g, p, i, flags, wd);
       const T std_ = tmp[j] + eps;                  // sqrt().add_(eps)
-      p[i] = p[i] + (neg_clr * x) / std_;           // addcdiv_(g, std, value=-clr)
+      const T old = p[i];
+      const T now = old + (neg_clr * x) / std_;     // addcdiv_(g, std, value=-clr)
+      p[i] = now;
+      tmp[j] = now - old;
     }
+    if (out) tu += sum_sq(tmp, m);
   }
+  if (out) add_totals(out, tg, tu, ta);
 }
 
 // Runs fn over [0, n) in kChunk pieces on up to `threads` threads of the OpenMP runtime
@@ -223,65 +228,28 @@ void optserve_set_sqrt(void* vms, void* vmd, void* mkl_local_threads) {
   g_sqrt_d = reinterpret_cast<vml_d>(vmd);
 }
 
-// Whether this build has the fast float sqrt; on > 0 turns it on, 0 off, < 0 only asks.
-int optserve_fast_sqrt(int on) {
-  if (on >= 0) g_fast_sqrt.store(on > 0 && kFastSqrt);
-  return kFastSqrt;
-}
-
-// Every float whose bits are in [lo, hi) through fast_sqrt and through MKL in 64 Ki runs
-// (ATen's calls are as long or longer) on `threads` threads; the number that differ in
-// any bit. For the one-time exhaustive check of fast_sqrt on this machine.
-int64_t optserve_sqrt_check(uint64_t lo, uint64_t hi, int threads) {
-  if (!g_sqrt_s) return -1;
-  constexpr uint64_t kRun = 1 << 16;
-  std::atomic<int64_t> bad{0};
-  std::atomic<uint64_t> next{lo};
-  auto work = [&] {
-    const int prev = g_mkl_local ? g_mkl_local(1) : 0;
-    std::vector<float> mkl(kRun), ours(kRun);
-    for (uint64_t b = next.fetch_add(kRun); b < hi; b = next.fetch_add(kRun)) {
-      const uint64_t m = std::min(kRun, hi - b);
-      for (uint64_t i = 0; i < m; ++i) {
-        const uint32_t bits = static_cast<uint32_t>(b + i);
-        std::memcpy(&mkl[i], &bits, 4);
-      }
-      std::memcpy(ours.data(), mkl.data(), m * 4);
-      g_sqrt_s(static_cast<long long>(m), mkl.data(), mkl.data(), kVmlMode);
-      fast_sqrt(ours.data(), static_cast<int>(m));
-      int64_t differ = 0;
-      for (uint64_t i = 0; i < m; ++i) differ += std::memcmp(&mkl[i], &ours[i], 4) != 0;
-      bad += differ;
-    }
-    if (g_mkl_local) g_mkl_local(prev);
-  };
-  const unsigned csr = _mm_getcsr();
-  _mm_setcsr(kMklCsr);
-  std::vector<std::thread> pool;
-  for (int k = 1; k < threads; ++k) pool.emplace_back([&] { _mm_setcsr(kMklCsr); work(); });
-  work();
-  for (auto& th : pool) th.join();
-  _mm_setcsr(csr);
-  return bad.load();
-}
+// @fast-sqrt-api@ (native_sqrt_src.API)
 
 // dtype: 0 float32, 1 float64. Returns 0 on success.
 int optserve_rmsprop(int dtype, void* p, const void* g, void* sa, void* ga, void* buf,
                      int64_t n, double neg_lr, double alpha, double one_minus_alpha, double eps,
-                     double wd, double momentum, int flags, int threads, int64_t grain) {
+                     double wd, double momentum, int flags, int threads, int64_t grain,
+                     double* totals) {
   if (!g_sqrt_s || !g_sqrt_d) return 1;
   const Scalars s{neg_lr, alpha, one_minus_alpha, eps, wd, momentum};
+  Totals* out = reinterpret_cast<Totals*>(totals);
+  if (out) *out = Totals{0.0, 0.0, 0.0};
   if (dtype == 0) {
     parallel(n, threads, grain, [&](int64_t b, int64_t e) {
       rmsprop_range<float>(static_cast<float*>(p), static_cast<const float*>(g),
                            static_cast<float*>(sa), static_cast<float*>(ga),
-                           static_cast<float*>(buf), b, e, s, flags);
+                           static_cast<float*>(buf), b, e, s, flags, out);
     });
   } else if (dtype == 1) {
     parallel(n, threads, grain, [&](int64_t b, int64_t e) {
       rmsprop_range<double>(static_cast<double*>(p), static_cast<const double*>(g),
                             static_cast<double*>(sa), static_cast<double*>(ga),
-                            static_cast<double*>(buf), b, e, s, flags);
+                            static_cast<double*>(buf), b, e, s, flags, out);
     });
   } else {
     return 2;
@@ -290,18 +258,21 @@ int optserve_rmsprop(int dtype, void* p, const void* g, void* sa, void* ga, void
 }
 
 int optserve_adagrad(int dtype, void* p, const void* g, void* sum, int64_t n, double neg_clr,
-                     double eps, double wd, int flags, int threads, int64_t grain) {
+                     double eps, double wd, int flags, int threads, int64_t grain,
+                     double* totals) {
   if (!g_sqrt_s || !g_sqrt_d) return 1;
   const Scalars s{neg_clr, 0.0, 0.0, eps, wd, 0.0};
+  Totals* out = reinterpret_cast<Totals*>(totals);
+  if (out) *out = Totals{0.0, 0.0, 0.0};
   if (dtype == 0) {
     parallel(n, threads, grain, [&](int64_t b, int64_t e) {
       adagrad_range<float>(static_cast<float*>(p), static_cast<const float*>(g),
-                           static_cast<float*>(sum), b, e, s, flags);
+                           static_cast<float*>(sum), b, e, s, flags, out);
     });
   } else if (dtype == 1) {
     parallel(n, threads, grain, [&](int64_t b, int64_t e) {
       adagrad_range<double>(static_cast<double*>(p), static_cast<const double*>(g),
-                            static_cast<double*>(sum), b, e, s, flags);
+                            static_cast<double*>(sum), b, e, s, flags, out);
     });
   } else {
     return 2;
@@ -311,3 +282,9 @@ int optserve_adagrad(int dtype, void* p, const void* g, void* sum, int64_t n, do
 
 }  // extern "C"
 """
+
+SOURCE = (_TEMPLATE
+          .replace("// @fast-sqrt@ (native_sqrt_src.INTERNAL: vsqrt for float and double)\n",
+                   INTERNAL)
+          .replace("// @fast-sqrt-api@ (native_sqrt_src.API)\n", API))
+"""The whole library's text: the kernels here, the sqrt from ``native_sqrt_src``."""

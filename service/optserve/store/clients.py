@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
 from ..errors import StoreUnavailable
@@ -54,7 +55,36 @@ def make_redis(url: str, timeout_s: float, max_connections: int = 512,
         decode_responses=False,
         **extra,
     )
+    pool.connection_class = closed_is_lost(pool.connection_class)
     return Redis(connection_pool=pool)
+
+
+_LOST_CLASSES: dict[type, type] = {}
+
+
+def closed_is_lost(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``cls`` whose write on a transport already closed (the peer reset it, a node was
+    killed) raises redis-py's ConnectionError, which the clients retry or re-route and we
+    answer 503, rather than uvloop's ``RuntimeError: unable to perform operation on
+    <TCPTransport closed=True>; the handler is closed``, which was a 500. redis-py has
+    already dropped the connection by then; only the error's type changes."""
+    lost = _LOST_CLASSES.get(cls)
+    if lost is None:
+        async def send_packed_command(self: AbstractConnection, command: Any,
+                                      check_health: bool = True) -> None:
+            try:
+                await cls.send_packed_command(self, command, check_health)
+            except RuntimeError as exc:
+                if "closed" not in str(exc):
+                    raise
+                raise RedisConnectionError(
+                    f"Error writing to {self._host_error()}: the connection was closed "
+                    f"({exc})") from exc
+
+        lost = type(f"Lost{cls.__name__}", (cls,),
+                    {"send_packed_command": send_packed_command})
+        _LOST_CLASSES[cls] = lost
+    return lost
 
 
 def _hostports(text: str) -> list[tuple[str, int]]:
@@ -116,6 +146,10 @@ class GentleCluster(RedisCluster):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.nodes_manager.__class__ = _GentleNodes  # same slots; only `aclose` differs
+        lost = closed_is_lost(self.connection_kwargs.get("connection_class", Connection))
+        self.connection_kwargs["connection_class"] = lost  # nodes found later
+        for node in self.nodes_manager.startup_nodes.values():
+            node.connection_class = lost
 
     async def aclose(self) -> None:
         """A reset (see the class): the slot map is re-read before the next command."""
@@ -153,8 +187,11 @@ async def make_client(settings: Settings) -> Client:
         if settings.redis_sentinel_password:
             skw["password"] = settings.redis_sentinel_password
         sentinel = Sentinel(_hostports(settings.redis_sentinels), sentinel_kwargs=skw, **common)
-        return sentinel.master_for(settings.redis_sentinel_master,
-                                   max_connections=settings.redis_max_connections)
+        primary = sentinel.master_for(settings.redis_sentinel_master,
+                                      max_connections=settings.redis_max_connections)
+        pool = primary.connection_pool
+        pool.connection_class = closed_is_lost(pool.connection_class)
+        return primary
     if not settings.redis_url:
         raise RuntimeError("OPTSERVE_REDIS_URL is not set; `optserve serve` starts a Redis "
                            "of its own when it is unset")
