@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -27,7 +28,16 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "c++") is 
 @pytest.fixture
 def fast() -> None:
     assert native.wait(300), native.status
-    if not native_sqrt.wait(300):
+    if not native_sqrt.wait(300) and native_sqrt.BUSY in native_sqrt.status:
+        # a server of this suite was proving it when this process started: wait for it
+        lib_path = native.build()
+        proof = lib_path.with_name(f"{lib_path.stem}.sqrt-{native_sqrt.fingerprint()}.ok")
+        deadline = time.monotonic() + 300
+        while not proof.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert native._lib is not None
+        native_sqrt.enable(native._lib, lib_path, threading.Event())
+    if native_sqrt.status != "on":
         pytest.skip(f"fast sqrt not used on this machine: {native_sqrt.status}")
 
 

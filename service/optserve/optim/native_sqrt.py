@@ -19,7 +19,9 @@ to fail and MKL is kept. Float64 always calls MKL.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -46,6 +48,8 @@ _QUICK = tuple((lo, lo + (1 << 16)) for lo in (
     0x0000_0000, 0x007F_8000, 0x0080_0000, 0x2E00_0000, 0x3F00_0000, 0x3F80_0000, 0x4B00_0000,
     0x7F7F_8000, 0x7F80_0000, 0x8000_0000, 0xBF80_0000, 0xFFBF_8000))
 """Runs around the edges and the usual magnitudes: the start-up re-check on a known machine."""
+
+BUSY = "another process is checking it on this machine"
 
 _MKL_ENV = ("MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "MKL_CBWR", "MKL_VML_MODE")
 
@@ -87,6 +91,34 @@ def _differences(lib: ctypes.CDLL, ranges: tuple[tuple[int, int], ...], threads:
     return total
 
 
+def _prove(lib: ctypes.CDLL, proof: Path, threads: int, stop: threading.Event) -> int:
+    """The full check, recorded in ``proof`` (best effort: proved all the same), by one
+    process of the machine at a time (a server's workers, a test suite's servers all start
+    at once); the others keep MKL's sqrt this time. Where no lock file can be made (a
+    read-only cache), this process checks for itself."""
+    with contextlib.ExitStack() as stack:
+        try:
+            lock = stack.enter_context(open(proof.with_name(f"{proof.name}.lock"), "a+b"))
+        except OSError:
+            lock = None
+        if lock is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise RuntimeError(BUSY) from None
+            if proof.exists():  # it finished while this process was starting
+                return 0
+        bad = _differences(lib, _FULL, threads, stop)
+        if not bad:
+            tmp = proof.with_name(f"{proof.name}.{os.getpid()}")
+            try:
+                tmp.write_text("every float32 input equal to MKL vsSqrt\n")
+                os.replace(tmp, proof)
+            except OSError as exc:
+                log.info("native fast sqrt: could not record its proof (%s)", exc)
+        return bad
+
+
 def enable(lib: ctypes.CDLL, library: Path, stop: threading.Event, threads: int = 1) -> bool:
     """Check (fully the first time on this machine, briefly after) and switch on; whether
     the fast sqrt is on. Never raises: on any doubt MKL's sqrt stays."""
@@ -100,14 +132,11 @@ def enable(lib: ctypes.CDLL, library: Path, stop: threading.Event, threads: int 
         status = "checking"
         proof = library.with_name(f"{library.stem}.sqrt-{fingerprint()}.ok")
         if not proof.exists():
-            bad = _differences(lib, _FULL, threads, stop)
+            bad = _prove(lib, proof, threads, stop)
             if bad:
                 status = f"off: differs from MKL's sqrt for {bad} inputs on this CPU"
                 log.info("native fast sqrt not used: %s", status)
                 return False
-            tmp = proof.with_name(f"{proof.name}.{os.getpid()}")
-            tmp.write_text("every float32 input equal to MKL vsSqrt\n")
-            os.replace(tmp, proof)
         bad = _differences(lib, _QUICK, threads, stop)
         if bad:
             status = f"off: differs from MKL's sqrt for {bad} of the re-checked inputs"
