@@ -161,3 +161,20 @@ def test_first_step_does_not_wait_and_restart_uses_the_cache(tmp_path: Path) -> 
     others = [p.name for p in so.parent.iterdir() if p != so]
     assert all(re.fullmatch(re.escape(so.stem) + r"\.sqrt-[0-9a-f]{16}\.ok(\.lock)?", name)
                for name in others), others
+
+
+def test_a_compiler_without_openmp_still_builds_it(tmp_path: Path) -> None:
+    """A compiler that cannot link OpenMP (clang without libomp): the kernel is built without
+    it, runs on the calling thread, and gives the same bits."""
+    real = shutil.which(os.environ.get("CXX") or "c++")
+    if real is None:
+        pytest.skip("no C++ compiler")
+    fake = tmp_path / "bin" / "c++-no-openmp"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && '
+                    f'{{ echo "unsupported option -fopenmp" >&2; exit 1; }}; done\n'
+                    f'exec {real} "$@"\n')
+    fake.chmod(0o755)
+    out = _child(tmp_path / "ext", CXX=str(fake))
+    assert out["used"] is True and out["equal"] is True, out
+    assert b"libgomp" not in Path(str(out["cached"])).read_bytes()

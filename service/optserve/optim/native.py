@@ -67,10 +67,12 @@ status = "not started"
 """``not started``, ``building``, ``ready`` or ``unavailable: <why>`` (diagnostics, tests)."""
 
 
-def _flags() -> list[str]:
+def _flags(openmp: bool = True) -> list[str]:
     """Compiler flags; ``-ffp-contract=off`` so only the written ``fma`` calls fuse."""
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp",
-             "-ffp-contract=off", "-fno-math-errno"]
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off",
+             "-fno-math-errno"]
+    if openmp:
+        flags.insert(5, "-fopenmp")
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return flags
@@ -84,23 +86,37 @@ def _build_dir() -> Path:
     return Path.home() / ".cache" / "torch_extensions" / "optserve_native"
 
 
-def build() -> Path:
-    """The compiled library's path: from the cache, else compiled now (seconds)."""
-    cxx = os.environ.get("CXX") or "c++"
-    flags = _flags()
-    source = SOURCE.encode()
-    key = hashlib.sha256(b"\0".join([source, cxx.encode(), " ".join(flags).encode(),
+def _target(cxx: str, flags: list[str]) -> Path:
+    key = hashlib.sha256(b"\0".join([SOURCE.encode(), cxx.encode(), " ".join(flags).encode(),
                                      torch.__version__.encode()])).hexdigest()[:16]
-    out = _build_dir() / f"optserve_native_{key}.so"
-    if out.exists():
-        return out
+    return _build_dir() / f"optserve_native_{key}.so"
+
+
+def build() -> Path:
+    """The compiled library's path: from the cache, else compiled now (seconds). With
+    OpenMP where the compiler has it; else without (a compiler with no OpenMP runtime, such
+    as clang without libomp): the pragmas are then ignored and the kernel runs on the
+    calling thread, the same bits, slower."""
+    cxx = os.environ.get("CXX") or "c++"
+    with_omp, without = _target(cxx, _flags(True)), _target(cxx, _flags(False))
+    for out in (with_omp, without):
+        if out.exists():
+            return out
     compiler = shutil.which(cxx)
     if compiler is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} not found (set CXX)")
+    try:
+        return _compile(compiler, cxx, _flags(True), with_omp)
+    except RuntimeError as exc:
+        log.info("native kernel: no OpenMP build (%s); building without", exc)
+        return _compile(compiler, cxx, _flags(False), without)
+
+
+def _compile(compiler: str, cxx: str, flags: list[str], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         cpp, so = Path(tmp) / "optserve_native.cpp", Path(tmp) / "optserve_native.so"
-        cpp.write_bytes(source)
+        cpp.write_bytes(SOURCE.encode())
         done = subprocess.run([compiler, *flags, str(cpp), "-o", str(so)], capture_output=True,
                               text=True, timeout=300, check=False)
         if done.returncode != 0:
