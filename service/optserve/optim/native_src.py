@@ -84,14 +84,34 @@ double sum_of(const T* x, int64_t m) {
   return acc;
 }
 
-inline void add_totals(Totals* out, double g, double u, double a) {
-#pragma omp critical(optserve_totals)
-  {
-    out->grad_sq += g;
-    out->update_sq += u;
-    out->acc_sum += a;
+// One thread's share of a call's Totals (nothing when the caller asked for none): the
+// gradient and accumulator of a chunk after its first pass, the update's differences
+// (left in the chunk's scratch) after its second; added to the call's once, at the end.
+struct Partial {
+  Totals* out;
+  double grad_sq = 0.0, update_sq = 0.0, acc_sum = 0.0;
+
+  template <typename T>
+  void inputs(const T* grad, const T* acc, int64_t m) {
+    if (out) {
+      grad_sq += sum_sq(grad, m);
+      acc_sum += sum_of(acc, m);
+    }
   }
-}
+  template <typename T>
+  void update(const T* diff, int64_t m) {
+    if (out) update_sq += sum_sq(diff, m);
+  }
+  ~Partial() {
+    if (!out) return;
+#pragma omp critical(optserve_totals)
+    {
+      out->grad_sq += grad_sq;
+      out->update_sq += update_sq;
+      out->acc_sum += acc_sum;
+    }
+  }
+};
 
 template <typename T>
 inline T grad_at(const T* g, const T* p, int64_t i, int flags, T wd) {
@@ -108,7 +128,7 @@ void rmsprop_range(T* p, const T* g, T* sa, T* ga, T* buf, int64_t begin, int64_
   const bool small_w = std::abs(oma) < T(0.5);
   const T lerp_coeff = small_w ? oma : oma - T(1);
   alignas(64) T tmp[kChunk];
-  double tg = 0.0, tu = 0.0, ta = 0.0;
+  Partial sums{out};
   for (int64_t c = begin; c < end; c += kChunk) {
     const int64_t m = std::min(kChunk, end - c);
     for (int64_t j = 0; j < m; ++j) {
@@ -126,10 +146,7 @@ void rmsprop_range(T* p, const T* g, T* sa, T* ga, T* buf, int64_t begin, int64_
       tmp[j] = v;
     }
     vsqrt(tmp, static_cast<int>(m));
-    if (out) {
-      tg += sum_sq(g + c, m);
-      ta += sum_of(sa + c, m);
-    }
+    sums.inputs(g + c, sa + c, m);
     for (int64_t j = 0; j < m; ++j) {
       const int64_t i = c + j;
       const T x = grad_at(g, p, i, flags, wd);
@@ -146,9 +163,8 @@ void rmsprop_range(T* p, const T* g, T* sa, T* ga, T* buf, int64_t begin, int64_
       p[i] = now;
       tmp[j] = now - old;
     }
-    if (out) tu += sum_sq(tmp, m);
+    sums.update(tmp, m);
   }
-  if (out) add_totals(out, tg, tu, ta);
 }
 
 template <typename T>
@@ -156,7 +172,7 @@ void adagrad_range(T* p, const T* g, T* sum, int64_t begin, int64_t end, const S
                    int flags, Totals* out) {
   const T neg_clr = T(s.neg_lr), eps = T(s.eps), wd = T(s.wd);
   alignas(64) T tmp[kChunk];
-  double tg = 0.0, tu = 0.0, ta = 0.0;
+  Partial sums{out};
   for (int64_t c = begin; c < end; c += kChunk) {
     const int64_t m = std::min(kChunk, end - c);
     for (int64_t j = 0; j < m; ++j) {
@@ -167,10 +183,7 @@ void adagrad_range(T* p, const T* g, T* sum, int64_t begin, int64_t end, const S
       tmp[j] = v;
     }
     vsqrt(tmp, static_cast<int>(m));
-    if (out) {
-      tg += sum_sq(g + c, m);
-      ta += sum_of(sum + c, m);
-    }
+    sums.inputs(g + c, sum + c, m);
     for (int64_t j = 0; j < m; ++j) {
       const int64_t i = c + j;
       const T x = grad_at(g, p, i, flags, wd);
@@ -180,9 +193,8 @@ void adagrad_range(T* p, const T* g, T* sum, int64_t begin, int64_t end, const S
       p[i] = now;
       tmp[j] = now - old;
     }
-    if (out) tu += sum_sq(tmp, m);
+    sums.update(tmp, m);
   }
-  if (out) add_totals(out, tg, tu, ta);
 }
 
 // Runs fn over [0, n) in kChunk pieces on up to `threads` threads of the OpenMP runtime
