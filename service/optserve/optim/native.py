@@ -142,6 +142,9 @@ def _load(path: Path) -> ctypes.CDLL:
                                      dbl, dbl, cint, cint, i64, ptr]
     lib.optserve_adagrad.argtypes = [cint, ptr, ptr, ptr, i64, dbl, dbl, dbl, cint, cint, i64,
                                      ptr]
+    lib.optserve_fast_sqrt.restype, lib.optserve_fast_sqrt.argtypes = cint, [cint]
+    lib.optserve_sqrt_check.restype = i64
+    lib.optserve_sqrt_check.argtypes = [ctypes.c_uint64, ctypes.c_uint64, cint]
     return lib
 
 

@@ -77,8 +77,6 @@ _PIECE = 1 << 24
 
 def _differences(lib: ctypes.CDLL, ranges: tuple[tuple[int, int], ...], threads: int,
                  stop: threading.Event) -> int:
-    lib.optserve_sqrt_check.restype = ctypes.c_int64
-    lib.optserve_sqrt_check.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
     total = 0
     for lo, hi in ranges:
         for start in range(lo, hi, _PIECE):
@@ -124,8 +122,6 @@ def enable(lib: ctypes.CDLL, library: Path, stop: threading.Event, threads: int 
     the fast sqrt is on. Never raises: on any doubt MKL's sqrt stays."""
     global status
     try:
-        lib.optserve_fast_sqrt.restype = ctypes.c_int
-        lib.optserve_fast_sqrt.argtypes = [ctypes.c_int]
         if not lib.optserve_fast_sqrt(-1):
             status = "off: this build has no AVX2 fast path"
             return False
