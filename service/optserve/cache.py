@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import metrics
+from .session import SessionMeta
 
 
 @dataclass
@@ -25,6 +26,12 @@ class Loaded:
     state: dict[str, dict[str, torch.Tensor]]
     nbytes: int = 0
     nonce: str | None = None  # the commit that wrote this version (see StepTxn.commit)
+    # What a one-round-trip step needs to know (hot_step.py), set by the commit that made
+    # this version: the session document it was computed with, and the log since the last
+    # checkpoint (a background checkpoint may only have shortened it).
+    meta: SessionMeta | None = None
+    log_steps: int | None = None
+    log_bytes: int = 0
 
     def count_bytes(self) -> None:
         self.nbytes = sum(nbytes(t) for t in self.params.values()) + sum(
@@ -69,6 +76,15 @@ class TensorCache:
             hit = (item.version, item.nonce) == (version, nonce)
             metrics.CACHE.labels("hit" if hit else "miss").inc()
             return item if hit else None
+
+    def take_any(self, sid: str) -> Loaded | None:
+        """Remove and return the entry whatever its version (a hot step checks it in Redis
+        at commit time, see hot_step.py)."""
+        with self._mutex:
+            item = self._items.get(sid)
+            if item is not None:
+                self._remove(sid)
+            return item
 
     def drop(self, sid: str) -> None:
         with self._mutex:

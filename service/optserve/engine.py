@@ -24,7 +24,7 @@ import torch
 from optserve_client.spec import STEP_KEY
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
-from . import metrics, optim, tracing, update
+from . import hot_step, metrics, optim, tracing, update
 from .cache import Loaded, TensorCache, nbytes
 from .checkpoint import Checkpoints, all_fields
 from .checks import (
@@ -178,6 +178,12 @@ class Engine:
         ``hyperparams`` (the body's) are merged, checked as PATCH checks them, and committed
         with the step's tensors; a replay does not apply them again."""
         sid = meta.id
+        if bad_header is None and not hyperparams:
+            hot = await hot_step.try_step(self, meta, grads, idempotency_key=idempotency_key,
+                                          base_version=base_version, if_match=if_match,
+                                          encode=encode, request_digest=request_digest)
+            if hot is not None:
+                return hot
         if idempotency_key is not None:
             replay = await self.replay(meta, idempotency_key, encode, request_digest)
             if replay is not None:
@@ -292,7 +298,8 @@ class Engine:
             metrics.CHECKPOINT_BYTES.inc(loaded.nbytes)
         else:
             metrics.LOGGED_BYTES.inc(logged)
-        loaded.nonce = txn.nonce
+        loaded.nonce, loaded.meta = txn.nonce, new_meta or meta
+        loaded.log_steps, loaded.log_bytes = (0, 0) if sync_checkpoint else (steps, nbytes_)
         if new_meta is not None:
             self.warm(new_meta)
         body = None
@@ -301,11 +308,17 @@ class Engine:
                                       nbytes=lambda: sum(map(nbytes, loaded.params.values())))
         metrics.STEP_SECONDS.labels("sync" if meta.is_sync else "async").observe(
             time.perf_counter() - started)
-        # `loaded` was taken out of the cache for this step; it goes back after the send.
-        background = not sync_checkpoint and self.checkpoints.due(steps, nbytes_)
+        return StepOutcome(new_version, body, stats=stats,
+                           after_send=self.give_back(sid, loaded))
+
+    def give_back(self, sid: str, loaded: Loaded) -> Callable[[], None]:
+        """What runs once a step's response is sent: its tensors (taken out of the cache
+        for the step) go back, or to a background checkpoint when the log is long enough."""
+        assert loaded.log_steps is not None
+        background = self.checkpoints.due(loaded.log_steps, loaded.log_bytes)
 
         def after_send() -> None:
             if not (background and self.checkpoints.start(sid, loaded)):
                 self.cache.put(sid, loaded)
 
-        return StepOutcome(new_version, body, stats=stats, after_send=after_send)
+        return after_send

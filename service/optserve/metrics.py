@@ -84,6 +84,10 @@ LOGGED_BYTES = Counter("optserve_wal_bytes_total", "Gradient bytes written to th
 CHECKPOINTS = Counter("optserve_checkpoints_total", "Checkpoints of full tensors, by kind: "
                       "background, sync (a log at its bound), superseded (a newer one or a "
                       "PUT landed first), failed", ["kind"], registry=REGISTRY)
+HOT_STEPS = Counter("optserve_hot_steps_total", "Steps tried in one round trip on cached "
+                    "tensors: committed, or handed to the locked path because the session was "
+                    "locked, had moved on, or the Idempotency-Key was used", ["result"],
+                    registry=REGISTRY)
 CHECKPOINT_BYTES = Counter("optserve_checkpoint_bytes_total", "Tensor bytes checkpointed",
                            registry=REGISTRY)
 REPLAYS = Counter("optserve_replayed_steps_total", "Logged steps replayed to rebuild a session "

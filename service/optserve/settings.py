@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         256 * 1024 * 1024, ge=1, description="Also checkpoint once the logged gradients "
         "reach this many bytes (twice it: synchronously). Bounds Redis memory per session."
     )
+    hot_step_bytes: int = Field(
+        1024 * 1024, ge=0, description="A step of a session this process holds hot, with "
+        "gradients up to this many bytes, is computed on the cached tensors and committed "
+        "in one Redis round trip (a guarded script); larger ones, or 0, take the locked "
+        "path (two round trips; the gradient is not copied through a script)."
+    )
     redis_timeout_s: float = Field(5.0, gt=0)
     redis_max_connections: int = Field(
         512, ge=2, description="Redis connections per process; a request waits when all are busy."

@@ -148,24 +148,14 @@ class StepTxn:
         record) or a `checkpoint` (every tensor's bytes: the log is cleared), with the
         version, the stats and `extra` commands."""
         sid = self.sid
-        tkey = keys.tensors(sid)
-        mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
-        unknown = [name for name, value in (stats or {}).items() if value is None]
-        for name, value in (stats or {}).items():
-            if value is not None:
-                mapping += [name, repr(float(value))]
         cmds: list[Sequence[Any]] = [*log]
         if checkpoint is not None:
             cmds += wal.full_checkpoint_cmds(sid, new, checkpoint)
             if self.legacy:  # the session was stored before the log: move it out
-                cmds.append(("HDEL", tkey, *self.legacy))
-        cmds.append(("HSET", tkey, *mapping))
-        if unknown:
-            cmds.append(("HDEL", tkey, *unknown))
+                cmds.append(("HDEL", keys.tensors(sid), *self.legacy))
+        cmds += head_cmds(sid, new, stats, count_step=count_step)
         if meta is not None:
             cmds.append(("SET", keys.meta(sid), meta.to_json()))
-        if count_step:
-            cmds.append(("HINCRBY", tkey, keys.STEPS, 1))
         if idempotency_key is not None:
             cmds.append(self.remember(idempotency_key, new, idempotency_digest))
         cmds.extend(extra)
@@ -177,8 +167,7 @@ class StepTxn:
     def remember(self, idempotency_key: str, version: int,
                  digest: str | None = None) -> tuple[Any, ...]:
         """The command that records `idempotency_key` as having made `version`."""
-        return ("SET", keys.idempotency(self.sid, idempotency_key),
-                idempotency_record(version, digest), "EX", self.store.idempotency_ttl_s)
+        return remember_cmd(self.store, self.sid, idempotency_key, version, digest)
 
     async def execute(self, cmds: Sequence[Sequence[Any]]) -> list[Any]:
         """MULTI, the commands, EXEC (void if the WATCHed hash moved), and the lock's release.
@@ -189,20 +178,9 @@ class StepTxn:
         again, even when the version number did not move (a PATCH).
         """
         sid = self.sid
-        written = (keys.tensors(sid), keys.meta(sid), keys.checkpoint(sid), keys.wal(sid))
-        tkey = written[0]
-        if any(len(c) > 1 and c[1] in written for c in cmds):
+        if writes_session(sid, cmds):
             self.nonce = self.next_nonce or secrets.token_hex(8)
-            cmds = [*cmds, ("HSET", tkey, keys.NONCE, self.nonce)]
-        prefix = keys.idempotency(sid, "")
-        records = [c[1] for c in cmds if c[0] == "SET" and str(c[1]).startswith(prefix)]
-        if records:  # Store.delete finds them here
-            iset = keys.idempotency_set(sid)
-            cmds = [*cmds, ("SADD", iset, *records),
-                    ("EXPIRE", iset, self.store.idempotency_ttl_s)]
-        if self.store.cluster:  # rounds announced in the session's slot (round_notifier.py)
-            cmds = [("SPUBLISH", keys.round_channel(sid), *c[2:])
-                    if c[0] == "PUBLISH" and c[1] == keys.ROUNDS_CHANNEL else c for c in cmds]
+        cmds = finish_cmds(self.store, sid, cmds, self.nonce)
         wait = self.store._wait_cmds()
         batch = [("MULTI",), *cmds, ("EXEC",), *wait,
                  ("EVAL", _RELEASE, 1, keys.lock(sid), self.token)]
@@ -238,3 +216,53 @@ class StepTxn:
     async def finish(self) -> None:
         """Release without writing (a replay or a rejected step)."""
         await self.abort()
+
+
+def head_cmds(sid: str, new: int, stats: Mapping[str, float | None] | None, *,
+              count_step: bool = True) -> list[tuple[Any, ...]]:
+    """The head hash's writes of a commit: version, time, the step's stats (None clears
+    one: unknown, not the last step's), the step count."""
+    tkey = keys.tensors(sid)
+    mapping: list[Any] = [keys.VERSION, str(new), keys.UPDATED, repr(now())]
+    unknown = [name for name, value in (stats or {}).items() if value is None]
+    for name, value in (stats or {}).items():
+        if value is not None:
+            mapping += [name, repr(float(value))]
+    cmds: list[tuple[Any, ...]] = [("HSET", tkey, *mapping)]
+    if unknown:
+        cmds.append(("HDEL", tkey, *unknown))
+    if count_step:
+        cmds.append(("HINCRBY", tkey, keys.STEPS, 1))
+    return cmds
+
+
+def remember_cmd(store: Store, sid: str, idempotency_key: str, version: int,
+                 digest: str | None = None) -> tuple[Any, ...]:
+    """The command that records `idempotency_key` as having made `version`."""
+    return ("SET", keys.idempotency(sid, idempotency_key),
+            idempotency_record(version, digest), "EX", store.idempotency_ttl_s)
+
+
+def writes_session(sid: str, cmds: Sequence[Sequence[Any]]) -> bool:
+    """Whether `cmds` write anything a step reads (then the commit needs a fresh nonce)."""
+    written = (keys.tensors(sid), keys.meta(sid), keys.checkpoint(sid), keys.wal(sid))
+    return any(len(c) > 1 and c[1] in written for c in cmds)
+
+
+def finish_cmds(store: Store, sid: str, cmds: Sequence[Sequence[Any]],
+                nonce: str | None) -> list[Sequence[Any]]:
+    """A commit's writes as sent: the commit nonce (when they write the session: see
+    `StepTxn.execute`), the idempotency records' index, rounds announced in the session's
+    slot on a cluster (round_notifier.py)."""
+    out: list[Sequence[Any]] = list(cmds)
+    if writes_session(sid, cmds):
+        out.append(("HSET", keys.tensors(sid), keys.NONCE, nonce))
+    prefix = keys.idempotency(sid, "")
+    records = [c[1] for c in cmds if c[0] == "SET" and str(c[1]).startswith(prefix)]
+    if records:  # Store.delete finds them here
+        iset = keys.idempotency_set(sid)
+        out += [("SADD", iset, *records), ("EXPIRE", iset, store.idempotency_ttl_s)]
+    if store.cluster:
+        out = [("SPUBLISH", keys.round_channel(sid), *c[2:])
+               if c[0] == "PUBLISH" and c[1] == keys.ROUNDS_CHANNEL else c for c in out]
+    return out
