@@ -18,6 +18,7 @@ import pytest
 import redis
 import torch
 
+from optserve import cli
 from optserve.cli import main
 from optserve.store import redis_binary
 from optserve.store.embedded import free_port
@@ -244,3 +245,17 @@ def test_serve_picks_the_newest_redis_and_an_older_one_cannot_open_its_data(
             assert c.get(f"/v1/sessions/{sid}").status_code == 200  # the data is all there
     finally:
         assert again.finish() == 0
+
+
+def test_serve_makes_openmp_threads_sleep_unless_told_otherwise() -> None:
+    env: dict[str, str] = {}
+    cli.omp_defaults(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    cli.omp_defaults(env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's choice stands
+    # The setting only works if nothing loaded OpenMP (torch) before `serve` sets it.
+    out = subprocess.run([sys.executable, "-c", "import sys, optserve.cli; "
+                          "print('torch' in sys.modules)"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

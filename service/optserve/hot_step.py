@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
 from . import metrics, optim, tracing, update
-from .cache import Loaded, nbytes
+from .cache import Loaded
 from .checks import check_staleness, check_tensors, check_version
 from .errors import DomainError
 from .session import SessionMeta
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 
 def _usable(engine: Engine, item: Loaded, meta: SessionMeta,
-            grads: dict[str, WireTensor], if_match: int | None,
+            grads: dict[str, WireTensor], logged: int, if_match: int | None,
             base_version: int | None) -> bool:
     """Whether the cached entry can serve this step (else it goes back, untouched)."""
     m = item.meta
@@ -49,7 +49,6 @@ def _usable(engine: Engine, item: Loaded, meta: SessionMeta,
                       dtypes=FLOAT_DTYPES)
     except DomainError:  # maybe only against a stale view: the locked path decides
         return False
-    logged = sum(g.data.nbytes for g in grads.values())
     return not engine.checkpoints.overdue(item.log_steps + 1, item.log_bytes + logged)
 
 
@@ -61,8 +60,8 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
     from .engine import StepOutcome
 
     limit = engine.settings.hot_step_bytes
-    if not limit or len(grads) > engine.settings.offload_tensors \
-            or sum(g.data.nbytes for g in grads.values()) > limit:
+    logged = sum(g.data.nbytes for g in grads.values())  # what the log entry holds
+    if not limit or len(grads) > engine.settings.offload_tensors or logged > limit:
         return None
     sid = meta.id
     if sid in engine.checkpoints.copying:  # a background checkpoint owns the tensors
@@ -70,7 +69,7 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
     item = engine.cache.take_any(sid)
     if item is None:
         return None
-    if not _usable(engine, item, meta, grads, if_match, base_version):
+    if not _usable(engine, item, meta, grads, logged, if_match, base_version):
         engine.cache.put(sid, item)
         return None
     started = time.perf_counter()
@@ -86,11 +85,11 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
             _, stats = await engine.offload(
                 partial(update.apply, device=engine.device, kernel=engine.kernel),
                 opt, hp, item, grads, count=len(grads),
-                nbytes=lambda: sum(map(update.grad_nbytes, grads.values())))
+                nbytes=logged)
     except DomainError:  # e.g. non-finite: the locked path answers it against Redis
         return None  # `item` is dropped: it may be half-updated
     new_version, nonce = item.version + 1, secrets.token_hex(8)
-    log_cmds, logged = wal.log_cmds(sid, new_version, nonce, grads, m.hyperparams,
+    log_cmds, _ = wal.log_cmds(sid, new_version, nonce, grads, m.hyperparams,
                                     fresh_momentum=False, device_type=engine.device_type,
                                     kernel=engine.kernel)
     store = engine.store
@@ -106,13 +105,12 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
     if done is None:
         return None
     item.version, item.nonce = new_version, nonce
-    item.log_steps, item.log_bytes = done.log_steps, done.log_bytes
-    item.count_bytes()
+    item.log_steps, item.log_bytes = done.log_steps, done.log_bytes  # sizes unchanged
     metrics.LOGGED_BYTES.inc(logged)
     body = None
     if encode is not None:
         body = await engine.offload(encode, item.params, count=len(item.params),
-                                    nbytes=lambda: sum(map(nbytes, item.params.values())))
+                                    nbytes=item.nbytes)
     metrics.STEP_SECONDS.labels("async").observe(time.perf_counter() - started)
     return StepOutcome(new_version, body, stats=stats,
                        after_send=engine.give_back(sid, item))

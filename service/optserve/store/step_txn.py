@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 from .. import metrics, tracing
 from ..errors import SessionBusy, StoreConflict
 from ..session import SessionMeta
-from . import keys, wal
+from . import keys, resp, wal
 from .faults import classify, first_refusal, raise_classified
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ async def run_batch(conn: AbstractConnection, commands: Sequence[Sequence[Any]])
     """Send commands together on one connection, read every reply (errors returned, not
     raised); a connection that fails midway is dropped, never reused half-read."""
     try:
-        await conn.send_packed_command(conn.pack_commands(commands))
+        await conn.send_packed_command(resp.pack(commands))
         replies: list[Any] = []
         for _ in commands:
             try:
