@@ -332,6 +332,18 @@ def test_all_finite() -> None:
     assert not optim.all_finite(iter([torch.tensor(float("-inf"))]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_agrees_with_isfinite_even_where_the_sum_overflows(dtype: torch.dtype) -> None:
+    big = torch.finfo(dtype).max
+    cases = [torch.full((5,), big, dtype=dtype),  # finite, but its sum is inf
+             torch.tensor([big, -big, 1.0], dtype=dtype), torch.zeros(0, dtype=dtype),
+             torch.tensor([1.0, float("nan")], dtype=dtype),
+             torch.tensor([float("inf"), float("-inf")], dtype=dtype),  # sum NaN
+             torch.tensor([float("-inf"), 2.0], dtype=dtype), torch.arange(3)]
+    for t in cases:
+        assert optim.finite(t) == bool(torch.isfinite(t).all()), t
+
+
 def test_effective_lr() -> None:
     init = make_params(SHAPES, torch.float64, seed=23)
     grads = make_grads(SHAPES, torch.float64, seed=24, steps=5)

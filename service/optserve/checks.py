@@ -10,7 +10,6 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
 from pydantic import ValidationError
 
 from optserve_client.spec import (
@@ -106,7 +105,7 @@ def check_param_body(declared: Mapping[str, TensorSpec] | None,
 def check_finite(given: Mapping[str, WireTensor], device: str, what: str) -> None:
     for name, w in given.items():
         t = from_bytes(w.data, w.dtype, w.shape, device, writable=False)
-        if t.numel() and not bool(torch.isfinite(t).all()):
+        if not optim.finite(t):
             raise DomainError(f"non_finite_{what}", f"{what} {name!r} has NaN or infinite "
                               "values", tensor=name)
 
@@ -119,7 +118,7 @@ def check_finite_as_params(given: Mapping[str, WireTensor],
         target = DTYPES[declared[name].dtype]
         if t.dtype != target:
             t = t.to(target)
-        if t.numel() and not bool(torch.isfinite(t).all()):
+        if not optim.finite(t):
             raise DomainError("non_finite_gradient", f"gradient {name!r} has NaN or infinite "
                               f"values (as {declared[name].dtype})", tensor=name)
 

@@ -61,7 +61,11 @@ class RoundNotifier:
             self.waiters.pop(token, None)
 
     def _wake(self, data: bytes | str) -> None:
-        token = json.loads(data).get("token")
+        self.wake(json.loads(data).get("token"))
+
+    def wake(self, token: str) -> None:
+        """Wake round `token`'s waiters in this process (its closer may, before the
+        announcement comes back from Redis)."""
         for fut in self.waiters.pop(token, []):
             if not fut.done():
                 fut.set_result(None)

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +55,11 @@ class SyncRounds:
         self.store = engine.store
         self.redis = engine.store.redis
         self.notifier = RoundNotifier(pubsub_client(self.redis))
+        # Rounds this process closed, for its own waiters: the outcome and the new
+        # parameters in memory, so they need not read them back from Redis (others do).
+        self.closed: OrderedDict[str, tuple[dict[str, Any], dict[str, WireTensor]]] = \
+            OrderedDict()
+        self.closing: dict[str, asyncio.Event] = {}  # rounds this process is committing
 
     async def contribute(self, meta: SessionMeta, grads: dict[str, WireTensor], *,
                          idempotency_key: str | None, base_version: int | None,
@@ -67,10 +73,8 @@ class SyncRounds:
         Contributions carry the same ``hyperparameters`` or none (else 409
         ``hyperparams_conflict``); the round's step applies them."""
         sid = meta.id
-        if idempotency_key is not None:
-            replay = await self.engine.replay(meta, idempotency_key, encode, request_digest)
-            if replay is not None:
-                return replay
+        # A retry of a contribution whose round closed is found by the join's read (it then
+        # declines) and replayed under the lock: no read of its own first.
         # Field names must not depend on what clients put in keys (tensor names hold dots).
         cid = (hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
                if idempotency_key is not None else secrets.token_hex(16))
@@ -214,15 +218,31 @@ class SyncRounds:
         grads = self._mean(meta, contributions)
         idem_keys = [(c.idem, c.digest) for c in contributions.values() if c.idem]
 
+        local: dict[str, WireTensor] = {}
+
         def extra(loaded: Loaded) -> list[Any]:
             params = {n: to_bytes(t) for n, t in loaded.params.items()}
+            if self.notifier.waiters.get(token):  # waiters here: a copy for them
+                local.update({n: WireTensor(meta.tensors[n].dtype, meta.tensors[n].shape,
+                                            memoryview(bytes(b))) for n, b in params.items()})
             return [*(before or []), *stored.close_cmds(meta, token, loaded.version, params)]
 
+        committing = self.closing[token] = asyncio.Event()
         try:
-            outcome = await self.engine.step_locked(txn, meta, version, grads, None, encode,
-                                                    extra_idempotency_keys=idem_keys,
-                                                    extra=extra, hyperparams=hp)
+            try:
+                outcome = await self.engine.step_locked(
+                    txn, meta, version, grads, None, encode, extra_idempotency_keys=idem_keys,
+                    extra=extra, hyperparams=hp)
+                if local:
+                    self.closed[token] = ({"status": "closed", "version": outcome.version},
+                                          local)
+                    while len(self.closed) > 64:
+                        self.closed.popitem(last=False)
+            finally:  # waiters woken by the announcement wait for this, then look
+                self.closing.pop(token, None)
+                committing.set()
             metrics.ROUNDS.labels("closed").inc()
+            self.notifier.wake(token)
             if head is not None:  # opened = deadline - the round's timeout
                 metrics.ROUND_SECONDS.observe(
                     max(0.0, time.time() - head.deadline + head.rule.timeout_s))
@@ -263,7 +283,8 @@ class SyncRounds:
         started = time.perf_counter()
         try:
             while True:
-                outcome = await stored.read_outcome(self.redis, sid, token)
+                here = await self._local(token)
+                outcome = here[0] if here else await stored.read_outcome(self.redis, sid, token)
                 if outcome is not None:
                     return await self._outcome(meta, token, outcome, encode)
                 now = time.time()
@@ -284,6 +305,14 @@ class SyncRounds:
         finally:
             metrics.ROUND_WAIT.observe(time.perf_counter() - started)
             self.notifier.forget(token, fut)
+
+    async def _local(self, token: str) -> tuple[dict[str, Any], dict[str, WireTensor]] | None:
+        """Round `token`'s outcome and parameters if this process closed it (waiting for
+        its commit when it is closing it now)."""
+        committing = self.closing.get(token)
+        if committing is not None:
+            await committing.wait()
+        return self.closed.get(token)
 
     async def _expire(self, meta: SessionMeta, token: str) -> str:
         """Settle the round at its deadline: "settled" (here or elsewhere) or "gone"."""
@@ -315,7 +344,8 @@ class SyncRounds:
         version = int(outcome["version"])
         body = None
         if encode is not None:
-            tensors = await stored.read_params(self.redis, meta, token)
+            here = await self._local(token)
+            tensors = here[1] if here else await stored.read_params(self.redis, meta, token)
             if tensors is None:
                 raise DomainError("round_expired", "the round's parameters expired; GET "
                                   "the session's params", retry_after=0)

@@ -112,7 +112,7 @@ def refuse_non_finite(loaded: Loaded, grads: Mapping[str, torch.Tensor],
         return
     for n in touched:
         g = grads[n]
-        if g.numel() and not bool(torch.isfinite(g).all()):
+        if not optim.finite(g):
             raise DomainError("non_finite_gradient", f"gradient {n!r} has NaN or "
                               "infinite values; nothing was applied", tensor=n)
     what = "parameters" if not params_ok else "optimizer state (e.g. square_avg overflowed)"

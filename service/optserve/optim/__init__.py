@@ -24,6 +24,7 @@ from .core import (
     UnknownOptimizerError,
     all_finite,
     effective_lr,
+    finite,
     get_optimizer,
     step,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "UnknownOptimizerError",
     "all_finite",
     "effective_lr",
+    "finite",
     "from_torch_state_dict",
     "get_optimizer",
     "step",
