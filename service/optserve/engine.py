@@ -45,6 +45,9 @@ from .tensors import from_bytes
 
 log = logging.getLogger("optserve")
 
+# Gradients of at least this many bytes start towards Redis before the update runs.
+STAGE_BYTES = 1 << 20
+
 Body = list[bytes | memoryview]
 Encoder = Callable[[Mapping[str, Any]], Body]
 
@@ -268,6 +271,16 @@ class Engine:
         hp = opt.hyperparams.model_validate((new_meta or meta).hyperparams)
         loaded = await self.load(meta, version, txn)
         stale = update.momentum_switched_on(meta, new_meta, loaded)
+        new_version = version + 1
+        log_cmds, logged = wal.log_cmds(
+            sid, new_version, txn.new_nonce(), grads, (new_meta or meta).hyperparams,
+            fresh_momentum=bool(stale), device_type=self.device_type,
+            kernel=self.kernel)
+        steps, nbytes_ = txn.log_steps + 1, txn.log_bytes + logged
+        # A session stored before the log (`txn.legacy`) gets its first checkpoint now.
+        sync_checkpoint = txn.legacy is not None or self.checkpoints.overdue(steps, nbytes_)
+        if not sync_checkpoint and extra is None and logged >= STAGE_BYTES:
+            txn.stage(log_cmds)  # the gradient goes to Redis while the update runs
         numel = sum(map(update.numel, grads.values()))
         with tracing.span("optimizer.update", **{"optserve.optimizer": opt.name,
                                                  "optserve.numel": numel}), \
@@ -277,16 +290,8 @@ class Engine:
                 opt, hp, loaded, grads, count=len(grads),
                 nbytes=lambda: sum(map(update.grad_nbytes, grads.values())))
         loaded.count_bytes()
-        new_version = version + 1
         more = [txn.remember(k, new_version, d) for k, d in extra_idempotency_keys]
         loaded.version = new_version
-        log_cmds, logged = wal.log_cmds(
-            sid, new_version, txn.new_nonce(), grads, (new_meta or meta).hyperparams,
-            fresh_momentum=bool(stale), device_type=self.device_type,
-            kernel=self.kernel)
-        steps, nbytes_ = txn.log_steps + 1, txn.log_bytes + logged
-        # A session stored before the log (`txn.legacy`) gets its first checkpoint now.
-        sync_checkpoint = txn.legacy is not None or self.checkpoints.overdue(steps, nbytes_)
         await txn.commit(
             new_version, all_fields(loaded) if sync_checkpoint else None,
             log=() if sync_checkpoint else log_cmds, stats=stats,

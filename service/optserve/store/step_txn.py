@@ -38,13 +38,16 @@ def now() -> float:
     return time.time()
 
 
-async def run_batch(conn: AbstractConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
+async def run_batch(conn: AbstractConnection, commands: Sequence[Sequence[Any]],
+                    sent: int = 0) -> list[Any]:
     """Send commands together on one connection, read every reply (errors returned, not
-    raised); a connection that fails midway is dropped, never reused half-read."""
+    raised; first those of `sent` commands sent before); a connection that fails midway is
+    dropped, never reused half-read."""
     try:
-        await conn.send_packed_command(resp.pack(commands))
+        if commands:
+            await conn.send_packed_command(resp.pack(commands))
         replies: list[Any] = []
-        for _ in commands:
+        for _ in range(sent + len(commands)):
             try:
                 replies.append(await conn.read_response())
             except ResponseError as exc:
@@ -79,12 +82,24 @@ class StepTxn:
         self.legacy: list[str] | None = None  # tensor fields still in the head hash
         self.done = False
         self.locked = False
+        self.staged: list[Sequence[Any]] = []  # sent ahead of the commit (see `stage`)
+        self.sending: asyncio.Future[None] | None = None
 
-    async def _batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        op = str(commands[0][0]) if commands else "-"
+    async def _batch(self, commands: Sequence[Sequence[Any]], sent: int = 0) -> list[Any]:
+        op = "MULTI" if sent else str(commands[0][0]) if commands else "-"
         with tracing.redis_span(commands), \
                 metrics.timed(metrics.STORE_LATENCY.labels(op).observe):
-            return await run_batch(self.conn, commands)
+            if self.sending is not None and sent:
+                await self.sending  # its failure dropped the connection: raised here
+            return await run_batch(self.conn, commands, sent)
+
+    def stage(self, log: Sequence[Sequence[Any]]) -> None:
+        """Start sending MULTI and the step's log record now, so a large gradient travels
+        to Redis while the update runs; `commit(log=...)` with the same record then sends
+        only the rest and EXEC, and `abort` a DISCARD. Nothing applies before EXEC."""
+        self.staged = [("MULTI",), *log]
+        self.sending = asyncio.ensure_future(
+            self.conn.send_packed_command(resp.pack(self.staged)))
 
     async def begin(self) -> None:
         store, sid = self.store, self.sid
@@ -184,7 +199,10 @@ class StepTxn:
         wait = self.store._wait_cmds()
         batch = [("MULTI",), *cmds, ("EXEC",), *wait,
                  ("EVAL", _RELEASE, 1, keys.lock(sid), self.token)]
-        replies = await self._batch(batch)
+        sent = len(self.staged)  # a staged log is the same first commands, already sent
+        if not all(a is b for a, b in zip(batch[1:sent], self.staged[1:], strict=False)):
+            raise RuntimeError("a commit after `stage` must begin with the staged record")
+        replies = await self._batch(batch[sent:], sent)
         self.done = True
         self.locked = False
         exec_reply = replies[len(cmds) + 1]
@@ -209,7 +227,9 @@ class StepTxn:
             cmds: list[Sequence[Any]] = [("UNWATCH",)]
             if self.locked:
                 cmds.append(("EVAL", _RELEASE, 1, keys.lock(self.sid), self.token))
-            await self._batch(cmds)
+            if self.staged:  # a transaction is open on the connection: dropped
+                cmds.insert(0, ("DISCARD",))
+            await self._batch(cmds, len(self.staged))
         except Exception:  # the connection is gone; the lock's TTL frees the session
             pass
 
