@@ -133,7 +133,8 @@ def main() -> None:
             described.append(server.describe())
             for size in args.sizes:
                 n = int(size)
-                steps = args.steps if n <= 1_000_000 else max(10, args.steps // 3)
+                steps = (args.steps * 10 if n <= 100_000  # small steps: warm, many samples
+                         else args.steps if n <= 1_000_000 else max(10, args.steps // 3))
                 run = service_run(server, n, steps)
                 loc = torch_step_times(n, steps)
                 rows.append((mode, n, run, statistics.median(loc)))

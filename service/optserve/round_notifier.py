@@ -39,6 +39,7 @@ class RoundNotifier:
         self.redis = redis
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.task: asyncio.Task[None] | None = None
+        self.listening = False  # the one-server subscription is in place
         self.shards = _ShardSubscriptions(redis, self._wake) if is_cluster(redis) else None
 
     async def future(self, token: str, sid: str) -> asyncio.Future[None]:
@@ -52,6 +53,11 @@ class RoundNotifier:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.setdefault(token, []).append(fut)
         return fut
+
+    def announced(self) -> bool:
+        """Whether a closure announced from now on reaches this process's futures (else a
+        waiter reads the outcome first: its round may have closed before it subscribed)."""
+        return self.shards is None and self.listening
 
     def forget(self, token: str, fut: asyncio.Future[None]) -> None:
         futs = self.waiters.get(token, [])
@@ -75,6 +81,7 @@ class RoundNotifier:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.ROUNDS_CHANNEL)
+                self.listening = True
                 async for message in pubsub.listen():
                     self._wake(message["data"])
             except asyncio.CancelledError:
@@ -83,6 +90,7 @@ class RoundNotifier:
                 log.debug("round notifier reconnecting after %s", exc)
                 await asyncio.sleep(0.5)
             finally:
+                self.listening = False
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 

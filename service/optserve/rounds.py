@@ -282,9 +282,13 @@ class SyncRounds:
         hard_stop = deadline + self.store.lock_timeout_s + 30
         started = time.perf_counter()
         try:
+            # Registered before the join: a live subscription will announce the closure.
+            trust = self.notifier.announced()
             while True:
                 here = await self._local(token)
-                outcome = here[0] if here else await stored.read_outcome(self.redis, sid, token)
+                outcome = here[0] if here else None if trust and not fut.done() else \
+                    await stored.read_outcome(self.redis, sid, token)
+                trust = False
                 if outcome is not None:
                     return await self._outcome(meta, token, outcome, encode)
                 now = time.time()
