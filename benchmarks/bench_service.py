@@ -135,8 +135,10 @@ def main() -> None:
                 n = int(size)
                 steps = (args.steps * 10 if n <= 100_000  # small steps: warm, many samples
                          else args.steps if n <= 1_000_000 else max(10, args.steps // 3))
-                run = service_run(server, n, steps)
+                # torch first, on a quiet machine: after the service's run Redis may still be
+                # rewriting its append-only file or writing a checkpoint in the background.
                 loc = torch_step_times(n, steps)
+                run = service_run(server, n, steps)
                 rows.append((mode, n, run, statistics.median(loc)))
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; "
           f"kernel={args.kernel}; one client, safetensors both ways, parameters returned; "
