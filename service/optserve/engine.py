@@ -281,14 +281,7 @@ class Engine:
         sync_checkpoint = txn.legacy is not None or self.checkpoints.overdue(steps, nbytes_)
         if not sync_checkpoint and extra is None and logged >= STAGE_BYTES:
             txn.stage(log_cmds)  # the gradient goes to Redis while the update runs
-        numel = sum(map(update.numel, grads.values()))
-        with tracing.span("optimizer.update", **{"optserve.optimizer": opt.name,
-                                                 "optserve.numel": numel}), \
-                metrics.timed(metrics.UPDATE_SECONDS.labels(opt.name).observe):
-            _, stats = await self.offload(
-                partial(update.apply, device=self.device, kernel=self.kernel),
-                opt, hp, loaded, grads, count=len(grads),
-                nbytes=lambda: sum(map(update.grad_nbytes, grads.values())))
+        stats = await self.update(opt, hp, loaded, grads, logged)
         loaded.count_bytes()
         more = [txn.remember(k, new_version, d) for k, d in extra_idempotency_keys]
         loaded.version = new_version
@@ -315,6 +308,20 @@ class Engine:
             time.perf_counter() - started)
         return StepOutcome(new_version, body, stats=stats,
                            after_send=self.give_back(sid, loaded))
+
+    async def update(self, opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
+                     grads: Mapping[str, WireTensor | torch.Tensor], nbytes: int
+                     ) -> dict[str, float | None]:
+        """`update.apply` in place on `loaded` (offloaded by size), traced and timed; the
+        step's stats."""
+        numel = sum(map(update.numel, grads.values()))
+        with tracing.span("optimizer.update", **{"optserve.optimizer": opt.name,
+                                                 "optserve.numel": numel}), \
+                metrics.timed(metrics.UPDATE_SECONDS.labels(opt.name).observe):
+            _, stats = await self.offload(
+                partial(update.apply, device=self.device, kernel=self.kernel),
+                opt, hp, loaded, grads, count=len(grads), nbytes=nbytes)
+        return stats
 
     def give_back(self, sid: str, loaded: Loaded) -> Callable[[], None]:
         """What runs once a step's response is sent: its tensors (taken out of the cache

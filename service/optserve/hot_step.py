@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import secrets
 import time
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from optserve_client.wire import FLOAT_DTYPES, WireTensor
 
-from . import metrics, optim, tracing, update
+from . import metrics, optim
 from .cache import Loaded
 from .checks import check_staleness, check_tensors, check_version
 from .errors import DomainError
@@ -77,15 +76,8 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
     assert m is not None and item.log_steps is not None
     opt = optim.get_optimizer(m.optimizer)
     hp = opt.hyperparams.model_validate(m.hyperparams)
-    numel = sum(map(update.numel, grads.values()))
     try:
-        with tracing.span("optimizer.update", **{"optserve.optimizer": opt.name,
-                                                 "optserve.numel": numel}), \
-                metrics.timed(metrics.UPDATE_SECONDS.labels(opt.name).observe):
-            _, stats = await engine.offload(
-                partial(update.apply, device=engine.device, kernel=engine.kernel),
-                opt, hp, item, grads, count=len(grads),
-                nbytes=logged)
+        stats = await engine.update(opt, hp, item, grads, logged)
     except DomainError:  # e.g. non-finite: the locked path answers it against Redis
         return None  # `item` is dropped: it may be half-updated
     new_version, nonce = item.version + 1, secrets.token_hex(8)
