@@ -82,8 +82,8 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
         return None  # `item` is dropped: it may be half-updated
     new_version, nonce = item.version + 1, secrets.token_hex(8)
     log_cmds, _ = wal.log_cmds(sid, new_version, nonce, grads, m.hyperparams,
-                                    fresh_momentum=False, device_type=engine.device_type,
-                                    kernel=engine.kernel)
+                               fresh_momentum=False, device_type=engine.device_type,
+                               kernel=engine.kernel)
     store = engine.store
     cmds: list[Any] = [*log_cmds, *step_txn.head_cmds(sid, new_version, stats)]
     if idempotency_key is not None:
