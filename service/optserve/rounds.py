@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +37,7 @@ from .checks import (
 )
 from .engine import Encoder, Engine, StepOutcome
 from .errors import Busy, DomainError
+from .round_handoff import RoundHandoff
 from .round_join import join_unlocked
 from .round_notifier import RoundNotifier
 from .session import SessionMeta
@@ -55,11 +55,7 @@ class SyncRounds:
         self.store = engine.store
         self.redis = engine.store.redis
         self.notifier = RoundNotifier(pubsub_client(self.redis))
-        # Rounds this process closed, for its own waiters: the outcome and the new
-        # parameters in memory, so they need not read them back from Redis (others do).
-        self.closed: OrderedDict[str, tuple[dict[str, Any], dict[str, WireTensor]]] = \
-            OrderedDict()
-        self.closing: dict[str, asyncio.Event] = {}  # rounds this process is committing
+        self.handoff = RoundHandoff()  # rounds closed here, for the waiters here
 
     async def contribute(self, meta: SessionMeta, grads: dict[str, WireTensor], *,
                          idempotency_key: str | None, base_version: int | None,
@@ -227,20 +223,13 @@ class SyncRounds:
                                             memoryview(bytes(b))) for n, b in params.items()})
             return [*(before or []), *stored.close_cmds(meta, token, loaded.version, params)]
 
-        committing = self.closing[token] = asyncio.Event()
         try:
-            try:
+            async with self.handoff.committing(token):
                 outcome = await self.engine.step_locked(
                     txn, meta, version, grads, None, encode, extra_idempotency_keys=idem_keys,
                     extra=extra, hyperparams=hp)
                 if local:
-                    self.closed[token] = ({"status": "closed", "version": outcome.version},
-                                          local)
-                    while len(self.closed) > 64:
-                        self.closed.popitem(last=False)
-            finally:  # waiters woken by the announcement wait for this, then look
-                self.closing.pop(token, None)
-                committing.set()
+                    self.handoff.record(token, outcome.version, local)
             metrics.ROUNDS.labels("closed").inc()
             self.notifier.wake(token)
             if head is not None:  # opened = deadline - the round's timeout
@@ -285,7 +274,7 @@ class SyncRounds:
             # Registered before the join: a live subscription will announce the closure.
             trust = self.notifier.announced()
             while True:
-                here = await self._local(token)
+                here = await self.handoff.get(token)
                 outcome = here[0] if here else None if trust and not fut.done() else \
                     await stored.read_outcome(self.redis, sid, token)
                 trust = False
@@ -309,14 +298,6 @@ class SyncRounds:
         finally:
             metrics.ROUND_WAIT.observe(time.perf_counter() - started)
             self.notifier.forget(token, fut)
-
-    async def _local(self, token: str) -> tuple[dict[str, Any], dict[str, WireTensor]] | None:
-        """Round `token`'s outcome and parameters if this process closed it (waiting for
-        its commit when it is closing it now)."""
-        committing = self.closing.get(token)
-        if committing is not None:
-            await committing.wait()
-        return self.closed.get(token)
 
     async def _expire(self, meta: SessionMeta, token: str) -> str:
         """Settle the round at its deadline: "settled" (here or elsewhere) or "gone"."""
@@ -348,7 +329,7 @@ class SyncRounds:
         version = int(outcome["version"])
         body = None
         if encode is not None:
-            here = await self._local(token)
+            here = await self.handoff.get(token)
             tensors = here[1] if here else await stored.read_params(self.redis, meta, token)
             if tensors is None:
                 raise DomainError("round_expired", "the round's parameters expired; GET "
