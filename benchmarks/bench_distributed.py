@@ -2,19 +2,22 @@
 
     python benchmarks/bench_distributed.py [--workers 1 2 4 8] [--rounds 100]
                                            [--sessions 100] [--steps 20] [--numel 1e4]
+                                           [--client-threads 8 0]
                                            [--server-procs 1]
 
-Starts its own redis-server (`EmbeddedRedis`, AOF off) and one optserve server
-(``python -m uvicorn optserve.app:app_factory --factory``, ``--server-procs`` uvicorn worker
-processes), then measures through the SDK's `Client.step` with what the data-parallel
+Starts its own redis-server, configured as deploy/ runs it (append-only, ``everysec``)
+unless ``--persistence`` says otherwise, and `optserve serve` (``--server-procs`` uvicorn
+worker processes), then measures through the SDK's `Client.step` with what the data-parallel
 workers (`optserve_client.distributed`) send: base version, weight, Idempotency-Key;
 safetensors both ways, parameters returned:
 
 * **sync**: W worker threads push to one sync session (``contributions = W``) for
   ``--rounds`` rounds. steps/s = rounds (optimizer steps) per second; pushes/s = W times
   that; a push's latency includes waiting for the round's last contribution.
-* **async**: ``--sessions`` independent async sessions, one thread each, ``--steps`` pushes
-  per session, all at once. steps/s = all sessions' steps per second.
+* **async**: ``--sessions`` independent async sessions stepped by ``--client-threads``
+  client threads (8, as the speed issue measures it: each takes its share of the sessions
+  in turn; 0: a thread per session), ``--steps`` pushes per session, all at once.
+  steps/s = all sessions' steps per second.
 
 Client threads, the server and Redis share this machine's cores; the Markdown table says
 which machine. "retried pushes" counts SDK retries (a 503 with ``Retry-After``, waited out).
@@ -113,33 +116,40 @@ def bench_sync(url: str, workers: int, rounds: int, numel: int) -> tuple[float, 
     return rounds / wall, workers * rounds / wall, p50, p99, sum(retries)
 
 
-def bench_async(url: str, sessions: int, steps: int, numel: int) -> tuple[float, ...]:
+def bench_async(url: str, sessions: int, steps: int, numel: int,
+                threads: int) -> tuple[float, ...]:
+    """`sessions` async sessions stepped by `threads` client threads, each taking its share
+    of the sessions in turn (0 threads: one per session)."""
     rng = np.random.default_rng(1)
+    threads = threads or sessions
     with Client(url) as admin:
         ids = [admin.create_session("rmsprop", {"lr": 1e-3},
                                     {"w": np.zeros(numel, np.float32)}).id
                for _ in range(sessions)]
     grad = {"w": rng.standard_normal(numel, dtype=np.float32)}
-    client = Client(url, max_connections=sessions)  # one pool, a connection per thread
-    retries = [0] * sessions
+    client = Client(url, max_connections=threads)  # one pool, a connection per thread
+    retries = [0] * threads
 
     def body(i: int, barrier: threading.Barrier) -> list[float]:
         # what AsyncWorker.step sends: the base version and a fresh Idempotency-Key
-        v = 0
+        mine = ids[i::threads]
+        v = dict.fromkeys(mine, 0)
         for _ in range(WARMUP):
-            v = client.step(ids[i], grad, base_version=v).version
+            for sid in mine:
+                v[sid] = client.step(sid, grad, base_version=v[sid]).version
         barrier.wait()
         out = []
         for _ in range(steps):
-            t0 = time.perf_counter()
-            r = client.step(ids[i], grad, base_version=v)
-            out.append(time.perf_counter() - t0)
-            v = r.version
-            retries[i] += r.attempts - 1
+            for sid in mine:
+                t0 = time.perf_counter()
+                r = client.step(sid, grad, base_version=v[sid])
+                out.append(time.perf_counter() - t0)
+                v[sid] = r.version
+                retries[i] += r.attempts - 1
         return out
 
     try:
-        lat, wall = run_threads(sessions, body)
+        lat, wall = run_threads(threads, body)
         for sid in ids:
             client.delete_session(sid)
     finally:
@@ -154,6 +164,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=100, help="timed sync rounds")
     ap.add_argument("--sessions", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per async session")
+    ap.add_argument("--client-threads", nargs="+", type=int, default=[8, 0],
+                    help="client threads stepping the async sessions (0: one per session)")
     ap.add_argument("--numel", type=float, default=1e4, help="float32 elements per session")
     ap.add_argument("--server-procs", type=int, default=1, help="uvicorn worker processes")
     ap.add_argument("--kernel", default="exact", choices=["exact", "compiled"])
@@ -168,8 +180,10 @@ def main() -> None:
             row = bench_sync(url, w, args.rounds, numel)
             rows.append((f"sync, 1 session, {w} worker{'s' if w > 1 else ''}", *row))
             print(f"sync {w}: {row[0]:.0f} steps/s", file=sys.stderr)
-        row = bench_async(url, args.sessions, args.steps, numel)
-        rows.append((f"async, {args.sessions} sessions, 1 worker each", *row))
+        for threads in args.client_threads:
+            row = bench_async(url, args.sessions, args.steps, numel, threads)
+            who = f"{threads} client threads" if threads else "1 worker each"
+            rows.append((f"async, {args.sessions} sessions, {who}", *row))
     import torch
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Linux {platform.release()}; "
