@@ -76,8 +76,9 @@ def test_hot_steps_take_one_round_trip_and_match_torch(make_server) -> None:
             _same(_ok(step(c, sid, _grads(k))), _torch_step(ps, opt, _grads(k)))
         hot = _hot(c, "committed") - before
         # The first step loads the session (locked path); so do the few that find a
-        # background checkpoint still copying its tensors. Most go the hot way.
-        assert 12 <= hot <= 19, hot
+        # background checkpoint still copying its tensors, or the log at its bound.
+        # Most go the hot way.
+        assert 10 <= hot <= 19, hot
         assert c.get(f"/v1/sessions/{sid}").json()["version"] == 20
 
 
@@ -119,10 +120,10 @@ def test_a_held_lock_sends_the_hot_step_the_locked_way(make_server, redis_url) -
         sid, w0 = _new_session(c)
         ps, opt = _reference(w0)
         _same(_ok(step(c, sid, _grads(0))), _torch_step(ps, opt, _grads(0)))  # now hot
-        assert r.set(keys.lock(sid), "someone-else", px=400)
+        assert r.set(keys.lock(sid), "someone-else", px=1500)
         started = time.monotonic()
         _same(_ok(step(c, sid, _grads(1))), _torch_step(ps, opt, _grads(1)))
-        assert time.monotonic() - started >= 0.3  # it waited for the lock
+        assert time.monotonic() - started >= 1.0  # it waited for the lock
         assert _hot(c, "locked") == 1
         _same(_ok(step(c, sid, _grads(2))), _torch_step(ps, opt, _grads(2)))
         assert _hot(c, "committed") >= 1
