@@ -39,7 +39,7 @@ def _usable(engine: Engine, item: Loaded, meta: SessionMeta,
     """Whether the cached entry can serve this step (else it goes back, untouched)."""
     m = item.meta
     if m is None or item.log_steps is None or item.nonce is None or m.is_sync \
-            or m.tenant != meta.tenant or m.id != meta.id:
+            or m.tenant != meta.tenant:
         return False
     try:
         check_version(item.version, if_match)
@@ -60,7 +60,8 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
 
     limit = engine.settings.hot_step_bytes
     logged = sum(g.data.nbytes for g in grads.values())  # what the log entry holds
-    if not limit or len(grads) > engine.settings.offload_tensors or logged > limit:
+    if not limit or logged > limit \
+            or len(grads) > min(engine.settings.offload_tensors, hot_commit.MAX_TENSORS):
         return None
     sid = meta.id
     if sid in engine.checkpoints.copying:  # a background checkpoint owns the tensors
@@ -90,8 +91,6 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
         cmds.append(step_txn.remember_cmd(store, sid, idempotency_key, new_version,
                                           request_digest))
     cmds = step_txn.finish_cmds(store, sid, cmds, nonce)
-    if not hot_commit.fits(cmds):
-        return None
     done = await hot_commit.hot_commit(store, sid, item.version, item.nonce, cmds,
                                        idempotency_key)
     if done is None:

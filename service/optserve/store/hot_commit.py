@@ -47,8 +47,8 @@ end
 return {1, redis.call('HLEN', KEYS[3]), redis.call('HGET', KEYS[4], 'lb') or '0'}
 """
 
-# Lua's unpack takes at most a few thousand values; the hot path stays well below it.
-MAX_WORDS = 2000
+# Lua's unpack takes at most a few thousand values; a step's log entry has two per tensor.
+MAX_TENSORS = 500
 
 
 @dataclass
@@ -72,10 +72,6 @@ def script_args(sid: str, version: int, nonce: str | None, cmds: Sequence[Sequen
     for c in cmds:
         argv += [len(c), *c]
     return ["EVAL", _SCRIPT, len(declared), *declared, *argv]
-
-
-def fits(cmds: Sequence[Sequence[Any]]) -> bool:
-    return max((len(c) for c in cmds), default=0) <= MAX_WORDS
 
 
 async def hot_commit(store: Store, sid: str, version: int, nonce: str | None,
