@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
 from ..errors import StoreUnavailable
+from .shelf import shelf_of
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -253,12 +254,14 @@ async def slot_connection(redis: Client, key: str, timeout_s: float
         finally:
             node.release(conn)
     else:
-        pool = redis.connection_pool
-        conn = await pool.get_connection()
+        shelf = shelf_of(redis)
+        conn = await shelf.take()
         try:
             yield conn
-        finally:
-            await pool.release(conn)
+        except BaseException:
+            await shelf.pool.release(conn)
+            raise
+        await shelf.give(conn)
 
 
 def pubsub_client(redis: Client) -> Client:
