@@ -153,19 +153,20 @@ def encode_safetensors_parts(tensors: Mapping[str, Any],
         parts.append(data)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
-    # Small neighbours are coalesced, so a body of many small tensors is not many tiny sends.
+    # Small neighbours are coalesced (one join: one copy), so a body of many small tensors
+    # is not many tiny sends.
     out: list[bytes | memoryview] = []
-    small = bytearray(struct.pack("<Q", len(head)) + head)
+    run: list[bytes | memoryview] = [struct.pack("<Q", len(head)), head]
     for view in parts:
         if len(view) < _COALESCE:
-            small += view
+            run.append(view)
             continue
-        if small:
-            out.append(bytes(small))
-            small = bytearray()
+        if run:
+            out.append(b"".join(run))
+            run = []
         out.append(view)
-    if small:
-        out.append(bytes(small))
+    if run:
+        out.append(b"".join(run))
     return out
 
 

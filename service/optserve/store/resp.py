@@ -29,27 +29,31 @@ def pack(commands: Iterable[Sequence[Any]]) -> list[bytes | bytearray | memoryvi
             args = (*head.split(), *cmd[1:])
         buf += b"*%d\r\n" % len(args)
         for arg in args:
-            if isinstance(arg, (bytes, bytearray)):
-                data: bytes | bytearray | memoryview = arg
-                size = len(arg)
-            elif isinstance(arg, str):
-                data = arg.encode()
-                size = len(data)
-            elif isinstance(arg, memoryview):
-                data, size = arg, arg.nbytes
-            elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
-                data = repr(arg).encode()
-                size = len(data)
+            kind = type(arg)
+            if kind is str:  # the common cases first, by exact type
+                data: bytes | bytearray | memoryview = arg.encode()
+            elif kind is bytes or kind is bytearray:
+                data = arg
             else:
-                raise TypeError(f"cannot send {type(arg).__name__} to Redis: {arg!r}")
-            buf += b"$%d\r\n" % size
+                data = _other(arg)
+            size = data.nbytes if type(data) is memoryview else len(data)
             if size >= LARGE:
+                buf += b"$%d\r\n" % size
                 out.append(buf)
-                out.append(data if not isinstance(data, memoryview) else data.cast("B"))
+                out.append(data if type(data) is not memoryview else data.cast("B"))
                 buf = bytearray(b"\r\n")
             else:
-                buf += data
-                buf += b"\r\n"
+                buf += b"$%d\r\n%b\r\n" % (size, data)
     if buf:
         out.append(buf)
     return out
+
+
+def _other(arg: Any) -> bytes | bytearray | memoryview:
+    if isinstance(arg, (bytes, bytearray, memoryview)):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return repr(arg).encode()
+    raise TypeError(f"cannot send {type(arg).__name__} to Redis: {arg!r}")
