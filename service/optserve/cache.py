@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
+
+from optserve_client.wire import WireTensor
 
 from . import metrics
 from .session import SessionMeta
@@ -32,10 +35,36 @@ class Loaded:
     meta: SessionMeta | None = None
     log_steps: int | None = None
     log_bytes: int = 0
+    # name -> (tensor, its address, a WireTensor over its memory): see `wire_params`.
+    views: dict[str, tuple[torch.Tensor, int, WireTensor]] = field(
+        default_factory=dict, repr=False, compare=False)
+
+    def wire_params(self) -> Mapping[str, WireTensor | torch.Tensor]:
+        """The parameters for a response body: CPU tensors as WireTensors over their own
+        memory, kept between steps (the update is in place, so a view stays valid; a
+        tensor replaced or moved is viewed afresh). Encoding then skips torch's per-tensor
+        calls, which cost more than a small step's update."""
+        out: dict[str, WireTensor | torch.Tensor] = {}
+        views = self.views
+        for name, t in self.params.items():
+            kept = views.get(name)
+            if kept is not None and kept[0] is t and kept[1] == t.data_ptr():
+                out[name] = kept[2]
+            elif t.device.type == "cpu" and t.is_contiguous() and t.dtype in _VIEWABLE:
+                view = WireTensor(_VIEWABLE[t.dtype], tuple(t.shape),
+                                  memoryview(t.detach().numpy()).cast("B"))
+                views[name] = (t, t.data_ptr(), view)
+                out[name] = view
+            else:
+                out[name] = t
+        return out
 
     def count_bytes(self) -> None:
         self.nbytes = sum(nbytes(t) for t in self.params.values()) + sum(
             nbytes(t) for s in self.state.values() for t in s.values())
+
+
+_VIEWABLE = {torch.float32: "float32", torch.float64: "float64"}
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -85,6 +114,10 @@ class TensorCache:
             if item is not None:
                 self._remove(sid)
             return item
+
+    def holds(self, sid: str) -> bool:
+        """Whether an entry is here now (a hint: it may be taken before it is used)."""
+        return sid in self._items
 
     def drop(self, sid: str) -> None:
         with self._mutex:

@@ -302,9 +302,9 @@ class Engine:
             self.warm(new_meta)
         body = None
         if encode is not None:
-            body = await self.offload(encode, loaded.params, count=len(loaded.params),
+            body = await self.offload(encode, loaded.wire_params(), count=len(loaded.params),
                                       nbytes=lambda: sum(map(nbytes, loaded.params.values())))
-        metrics.STEP_SECONDS.labels("sync" if meta.is_sync else "async").observe(
+        metrics.child(metrics.STEP_SECONDS, "sync" if meta.is_sync else "async").observe(
             time.perf_counter() - started)
         return StepOutcome(new_version, body, stats=stats,
                            after_send=self.give_back(sid, loaded))
@@ -317,7 +317,7 @@ class Engine:
         numel = sum(map(update.numel, grads.values()))
         with tracing.span("optimizer.update", **{"optserve.optimizer": opt.name,
                                                  "optserve.numel": numel}), \
-                metrics.timed(metrics.UPDATE_SECONDS.labels(opt.name).observe):
+                metrics.timed(metrics.child(metrics.UPDATE_SECONDS, opt.name).observe):
             _, stats = await self.offload(
                 partial(update.apply, device=self.device, kernel=self.kernel),
                 opt, hp, loaded, grads, count=len(grads), nbytes=nbytes)

@@ -100,8 +100,8 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
     metrics.LOGGED_BYTES.inc(logged)
     body = None
     if encode is not None:
-        body = await engine.offload(encode, item.params, count=len(item.params),
+        body = await engine.offload(encode, item.wire_params(), count=len(item.params),
                                     nbytes=item.nbytes)
-    metrics.STEP_SECONDS.labels("async").observe(time.perf_counter() - started)
+    metrics.child(metrics.STEP_SECONDS, "async").observe(time.perf_counter() - started)
     return StepOutcome(new_version, body, stats=stats,
                        after_send=engine.give_back(sid, item))

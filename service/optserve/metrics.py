@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
@@ -107,6 +108,20 @@ def multiproc_dir() -> str | None:
 if _DIR is None:
     # One process: its own process metrics. Multiprocess: see `collectors.WorkerProcesses`.
     ProcessCollector(registry=REGISTRY)
+
+
+_CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: prometheus_client builds and locks on every
+    call, a visible part of a small step's CPU. Label values here come from small fixed sets
+    (routes, statuses, optimizers, outcomes), so the memo stays small."""
+    key = (metric, labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
 
 
 @contextmanager

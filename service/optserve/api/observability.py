@@ -87,15 +87,20 @@ class ObservabilityMiddleware:
         finally:
             metrics.IN_FLIGHT.dec()
             metrics.IN_FLIGHT_BYTES.dec(received[0])
-            path = ctx.route or "unmatched"
-            elapsed = time.perf_counter() - start
-            metrics.REQUESTS.labels(method, path, str(status[0])).inc()
-            metrics.LATENCY.labels(method, path).observe(elapsed)
-            metrics.BYTES_IN.labels(path).inc(received[0])
-            metrics.BYTES_OUT.labels(path).inc(sent[0])
-            if access.isEnabledFor(logging.INFO):
-                access.info("%s %s %d %.1f ms", method, path, status[0], elapsed * 1000,
-                            extra={"method": method, "status": status[0],
-                                   "duration_ms": round(elapsed * 1000, 3),
-                                   "bytes_in": received[0], "bytes_out": sent[0]})
+            record(method, ctx.route or "unmatched", status[0], time.perf_counter() - start,
+                   received[0], sent[0])
             REQUEST.reset(token)
+
+
+def record(method: str, path: str, status: int, elapsed: float, received: int,
+           sent: int) -> None:
+    """A finished request's metrics and access-log line (also `hot_route`'s)."""
+    metrics.child(metrics.REQUESTS, method, path, str(status)).inc()
+    metrics.child(metrics.LATENCY, method, path).observe(elapsed)
+    metrics.child(metrics.BYTES_IN, path).inc(received)
+    metrics.child(metrics.BYTES_OUT, path).inc(sent)
+    if access.isEnabledFor(logging.INFO):
+        access.info("%s %s %d %.1f ms", method, path, status, elapsed * 1000,
+                    extra={"method": method, "status": status,
+                           "duration_ms": round(elapsed * 1000, 3),
+                           "bytes_in": received, "bytes_out": sent})

@@ -10,10 +10,10 @@ from fastapi import APIRouter, Query, Request, Response
 
 from optserve_client import wire
 
+from .. import metrics
 from ..checks import parse_step_hyperparams
 from ..engine import Engine
 from ..errors import DomainError
-from ..metrics import STEPS
 from ..rounds import SyncRounds
 from ..session import SessionMeta
 from ..settings import Settings
@@ -178,7 +178,7 @@ async def run_step(request: Request, meta: SessionMeta, engine: Engine, rounds: 
                                     if_match=if_match, encode=encode, bad_header=bad_header,
                                     hyperparams=hyperparams, request_digest=digest)
     if not outcome.replayed:
-        STEPS.labels(meta.optimizer).inc()
+        metrics.child(metrics.STEPS, meta.optimizer).inc()
     headers = version_headers(outcome.version)
     if outcome.replayed:
         headers["Idempotent-Replayed"] = "true"

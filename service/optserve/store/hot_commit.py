@@ -82,7 +82,8 @@ async def hot_commit(store: Store, sid: str, version: int, nonce: str | None,
     may not have landed) are raised, as the locked path raises them."""
     command = script_args(sid, version, nonce, cmds, idempotency_key)
     batch = [command, *store._wait_cmds()]
-    with tracing.redis_span(batch), metrics.timed(metrics.STORE_LATENCY.labels("EVAL").observe):
+    latency = metrics.child(metrics.STORE_LATENCY, "EVAL")
+    with tracing.redis_span(batch), metrics.timed(latency.observe):
         try:
             async with slot_connection(store.redis, keys.tensors(sid),
                                        store.pool_timeout_s) as conn:
@@ -97,11 +98,11 @@ async def hot_commit(store: Store, sid: str, version: int, nonce: str | None,
     if isinstance(reply, Exception):
         raise_classified(reply)
     if int(reply[0]) != 1:
-        metrics.HOT_STEPS.labels(_word(reply[1])).inc()
+        metrics.child(metrics.HOT_STEPS, _word(reply[1])).inc()
         return None
     if len(replies) > 1:
         store._check_acked(replies[1])
-    metrics.HOT_STEPS.labels("committed").inc()
+    metrics.child(metrics.HOT_STEPS, "committed").inc()
     return Committed(int(reply[1]), int(reply[2]))
 
 
