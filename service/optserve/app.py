@@ -9,16 +9,19 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from . import __version__, logs, metrics, startup, tracing
 from .api import openapi, ops, problems, sessions, tensors
 from .api.bodies import BodyBudget, BodyLimits
 from .api.body_pool import BodyPool
+from .api.hot_route import HotStepRoute
 from .api.observability import ObservabilityMiddleware
-from .api.step_path import StepFastPath
+from .api.step_path import KnownSessions, StepFastPath
 from .engine import Engine
 from .rounds import SyncRounds
 from .sessions import Sessions
@@ -29,6 +32,18 @@ from .store.redis_store import Store
 
 log = logging.getLogger("optserve")
 POOL_BYTES = 64 * 1024 * 1024
+
+
+class OptserveApp(FastAPI):
+    """FastAPI, with the hot step (api/hot_route.py) in front of its whole middleware stack."""
+
+    hot: HotStepRoute | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.hot is not None:
+            await self.hot(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -66,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(FileNotFoundError):
                     multiprocess.mark_process_dead(os.getpid())
 
-    app = FastAPI(
+    app = OptserveApp(
         **_own_tracing(),
         title="optserve",
         version=__version__,
@@ -74,7 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     # Innermost: inside the ErrorBoundary that problems.install adds, like a route.
-    app.add_middleware(StepFastPath, root=app)
+    known = KnownSessions()
+    app.add_middleware(StepFastPath, root=app, known=known)
     problems.install(app)  # domain errors (SessionBusy, StoreConflict, ...) included
     app.include_router(ops.router)
     app.include_router(sessions.router)
@@ -85,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimits, budget=app.state.body_budget,
                        timeout_s=settings.body_timeout_s)
     app.add_middleware(ObservabilityMiddleware, settings=settings)
+    # In front of everything, Starlette's own error middleware included: see hot_route.py.
+    app.hot = HotStepRoute(partial(FastAPI.__call__, app), root=app, known=known)
     openapi.install(app)  # the document, completed from the contract (spec.PROBLEMS, headers)
     return app
 

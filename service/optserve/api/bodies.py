@@ -84,7 +84,7 @@ class BodyLimits:
                 with anyio.fail_after(max(0.0, deadline - time.monotonic())):
                     message = await receive()
             except TimeoutError:
-                raise _timeout(self.timeout_s) from None
+                raise timeout_error(self.timeout_s) from None
             if message["type"] == "http.request":
                 n = len(message.get("body", b""))
                 if n:
@@ -114,7 +114,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _timeout(timeout_s: float) -> DomainError:
+def timeout_error(timeout_s: float) -> DomainError:
     return DomainError("request_timeout", f"the request body did not arrive within "
                        f"{_seconds(timeout_s)} s; nothing was applied",
                        timeout_s=timeout_s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, TypeVar
 
 import anyio
@@ -166,13 +166,18 @@ _DIGESTED_HEADERS = ("content-type", "if-match", "x-optserve-base-version", "x-o
 
 
 async def request_digest(request: Request, body: bytes | bytearray) -> str | None:
-    """The request's fingerprint, kept with its Idempotency-Key (None without a key).
-    Hashing runs off the event loop for a large body (sha256: about 1 ms per MB)."""
-    if request.headers.get("idempotency-key") is None:
+    """The request's fingerprint, kept with its Idempotency-Key (None without a key)."""
+    return await digest(request.method, request.url.path, request.headers, body)
+
+
+async def digest(method: str, path: str, headers: Mapping[str, str],
+                 body: bytes | bytearray) -> str | None:
+    """`request_digest` from the request's parts (headers by lower-case name). Hashing runs
+    off the event loop for a large body (sha256: about 1 ms per MB)."""
+    if headers.get("idempotency-key") is None:
         return None
     h = hashlib.sha256()
-    for part in (request.method, request.url.path,
-                 *(request.headers.get(k, "") for k in _DIGESTED_HEADERS)):
+    for part in (method, path, *(headers.get(k, "") for k in _DIGESTED_HEADERS)):
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
     if len(body) > _HASH_INLINE:
         await anyio.to_thread.run_sync(h.update, body)

@@ -28,26 +28,32 @@ _SUFFIX = "/step"
 _RETURN = {b"": "params", b"return=params": "params", b"return=none": "none"}
 
 
+class KnownSessions(OrderedDict[str, SessionMeta]):
+    """Sessions this process has seen: their tenant and mode never change and their ids are
+    never reused, so a step need not read the document before taking the lock (which reads
+    it again). Bounded; the oldest entries go first. Shared with `hot_route`."""
+
+    def remember(self, meta: SessionMeta) -> None:
+        self[meta.id] = meta
+        self.move_to_end(meta.id)
+        while len(self) > KNOWN_SESSIONS:
+            self.popitem(last=False)
+
+
+def step_route() -> Any:
+    """The step's APIRoute, put in the scope as the router puts it (metrics, logs and spans
+    name a request by its template)."""
+    return next(r for r in tensors.router.routes if getattr(r, "path", "").endswith(_SUFFIX))
+
+
 class StepFastPath:
     """Serves the step route without the router; every other request passes through."""
 
-    def __init__(self, app: ASGIApp, root: FastAPI) -> None:
+    def __init__(self, app: ASGIApp, root: FastAPI, known: KnownSessions) -> None:
         self.app = app
         self.root = root
-        # The step's APIRoute, put in the scope as the router puts it (metrics, logs and
-        # spans name a request by its template).
-        self.route = next(r for r in tensors.router.routes
-                          if getattr(r, "path", "").endswith(_SUFFIX))
-        # Sessions this process has seen: their tenant and mode never change and their ids
-        # are never reused, so a step need not read the document before taking the lock
-        # (which reads it again). Bounded; the oldest entries go first.
-        self.known: OrderedDict[str, SessionMeta] = OrderedDict()
-
-    def _remember(self, meta: SessionMeta) -> None:
-        self.known[meta.id] = meta
-        self.known.move_to_end(meta.id)
-        while len(self.known) > KNOWN_SESSIONS:
-            self.known.popitem(last=False)
+        self.route = step_route()
+        self.known = known
 
     async def _step_known(self, request: Request, meta: SessionMeta, return_: str) -> Any:
         """A step of a session seen before, without the look-up's round trip. Under the lock
@@ -65,11 +71,11 @@ class StepFastPath:
             raise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sid = _session_of(scope)
-        return_ = _RETURN.get(scope.get("query_string", b"")) if sid else None
-        if return_ is None:
+        found = step_query(scope)
+        if found is None:
             await self.app(scope, receive, send)
             return
+        sid, return_ = found
         scope["route"] = self.route
         scope["path_params"] = {"session_id": sid}
         request = Request(scope, receive, send)
@@ -80,26 +86,34 @@ class StepFastPath:
             meta = self.known.get(sid)
             if meta is None or meta.tenant != tenant:
                 meta = await deps.session_meta(sid, tenant, state.store)
-                self._remember(meta)
+                self.known.remember(meta)
                 response = await tensors.run_step(request, meta, state.engine,
                                                   state.sync_rounds, settings, return_)
             else:
                 response = await self._step_known(request, meta, return_)
         except Exception as exc:
-            handler = self._handler(exc)
+            handler = handler_for(self.root, exc)
             if handler is None:
                 raise  # the ErrorBoundary's 500, as for any route
             response = await handler(request, exc)
         await response(scope, receive, send)
 
-    def _handler(self, exc: Exception) -> Any:
-        """The application's handler for `exc` (its class or nearest base), as Starlette's
-        exception middleware picks it."""
-        handlers = self.root.exception_handlers
-        for cls in type(exc).__mro__:
-            if cls in handlers:
-                return handlers[cls]
-        return None
+
+def handler_for(root: FastAPI, exc: Exception) -> Any:
+    """The application's handler for `exc` (its class or nearest base), as Starlette's
+    exception middleware picks it."""
+    handlers = root.exception_handlers
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None
+
+
+def step_query(scope: Scope) -> tuple[str, str] | None:
+    """(session id, return) of a plain ``POST /v1/sessions/{id}/step`` (else None)."""
+    sid = _session_of(scope)
+    return_ = _RETURN.get(scope.get("query_string", b"")) if sid else None
+    return None if return_ is None or sid is None else (sid, return_)
 
 
 def _session_of(scope: Scope) -> str | None:

@@ -1,0 +1,181 @@
+"""The hot step served in front of the middleware stack (api/hot_route.py).
+
+Real uvicorn and Redis, results against `torch.optim` itself. Which way a request went is
+read by a spy on the route's `_serve` (its real code still runs): True when it answered
+the request itself, False when the hot path declined and the stack answered.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from optserve.checks import HYPERPARAMS_META_KEY
+from optserve_client import wire
+
+from conftest import ThreadServer, start_thread_server
+from helpers import ST, create, decode, snapshot, st_body, step
+from rawhttp import connect, read_response
+
+HP = {"lr": 0.01, "alpha": 0.9, "momentum": 0.5, "weight_decay": 0.1}
+
+
+@pytest.fixture
+def server(redis_url: str) -> Iterator[ThreadServer]:
+    srv = start_thread_server(redis_url=redis_url, kernel="exact", body_timeout_s=1.0)
+    yield srv
+    srv.stop()
+
+
+def _spy(srv: ThreadServer) -> list[bool]:
+    """What each step that reached the route's `_serve` came to (True: answered there)."""
+    hot = srv.app.hot
+    real = hot._serve
+    seen: list[bool] = []
+
+    async def serve(*args: Any) -> bool:
+        served = await real(*args)
+        seen.append(served)
+        return served
+
+    hot._serve = serve
+    return seen
+
+
+def _grads(k: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(k)
+    return {"w": torch.randn(50, generator=g), "b": torch.randn(3, generator=g)}
+
+
+def _session(c: httpx.Client) -> tuple[str, dict[str, torch.nn.Parameter], torch.optim.Optimizer]:
+    w0 = {"w": torch.linspace(-1, 1, 50), "b": torch.tensor([0.5, -0.25, 2.0])}
+    sid = create(c, w0, optimizer="rmsprop", hyperparams=HP)["id"]
+    ps = {n: torch.nn.Parameter(t.clone()) for n, t in w0.items()}
+    return sid, ps, torch.optim.RMSprop(list(ps.values()), **HP)
+
+
+def _torch(ps: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
+           grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for n, p in ps.items():
+        p.grad = grads[n].clone()
+    opt.step()
+    return {n: p.detach().clone() for n, p in ps.items()}
+
+
+def test_hot_and_stack_steps_alternate_with_torch_bits_and_the_same_headers(
+        server: ThreadServer) -> None:
+    seen = _spy(server)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        sid, ps, opt = _session(c)
+        heads: dict[bool, httpx.Headers] = {}
+        for k in range(12):
+            # A weight header (ignored by an async session) sends a step the stack's way.
+            extra = {"x-optserve-weight": "1"} if k % 3 == 2 else {}
+            n = len(seen)
+            r = step(c, sid, _grads(k), {**extra, "x-request-id": f"req-{k}"})
+            assert r.status_code == 200, r.text
+            want = _torch(ps, opt, _grads(k))
+            got = decode(r)
+            for name in want:
+                assert torch.equal(got[name], want[name]), (k, name)
+            assert r.headers["x-request-id"] == f"req-{k}"
+            hot = seen[n:] == [True]
+            heads[hot] = r.headers
+            if extra:
+                assert seen[n:] == []  # never tried: the stack served it
+        assert seen.count(True) >= 6  # the first step loads the session: the stack's
+        for name in ("content-type", "x-request-id"):
+            assert name in heads[True] and name in heads[False]
+        assert sorted(k for k in heads[True] if k != "date") == \
+            sorted(k for k in heads[False] if k != "date")
+        # return=none: no body either way, the same headers
+        n = len(seen)
+        r1 = step(c, sid, _grads(20), **{"return": "none"})
+        _torch(ps, opt, _grads(20))
+        r2 = step(c, sid, _grads(21), {"x-optserve-weight": "1"}, **{"return": "none"})
+        _torch(ps, opt, _grads(21))
+        assert seen[n:] == [True] and r1.content == r2.content == b""
+        assert int(r2.headers["etag"].strip('"')) == int(r1.headers["etag"].strip('"')) + 1
+        assert sorted(k for k in r1.headers if k not in ("date", "x-request-id")) == \
+            sorted(k for k in r2.headers if k not in ("date", "x-request-id"))
+        got = decode(c.get(f"/v1/sessions/{sid}/params"))
+        assert all(torch.equal(got[n_], p.detach()) for n_, p in ps.items())
+
+
+def test_what_the_hot_path_declines_is_answered_by_the_stack(server: ThreadServer) -> None:
+    seen = _spy(server)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        sid, ps, opt = _session(c)
+        for k in range(2):
+            assert step(c, sid, _grads(k)).status_code == 200
+            _torch(ps, opt, _grads(k))
+        before = snapshot(c, sid)
+        body = st_body(_grads(5))
+        # A body of the declared length that is not safetensors: the stack's 400.
+        n = len(seen)
+        r = c.post(f"/v1/sessions/{sid}/step", content=b"\xff" * len(body),
+                   headers={"content-type": ST})
+        assert r.status_code == 400 and r.json()["code"] == "malformed_body"
+        assert seen[n:] == [False]
+        # A stale If-Match: the hot path leaves it to the stack, which answers 412.
+        r = step(c, sid, _grads(5), {"if-match": '"1"'})
+        assert r.status_code == 412, r.text
+        assert snapshot(c, sid) == before
+        # Hyperparameters in the body's metadata: the stack's step applies them.
+        n = len(seen)
+        meta = {HYPERPARAMS_META_KEY: json.dumps({"hyperparams": {"lr": 0.02}})}
+        r = c.post(f"/v1/sessions/{sid}/step", headers={"content-type": ST},
+                   content=wire.encode_safetensors(_grads(6), meta))
+        assert r.status_code == 200, r.text
+        assert seen[n:] == [False]
+        for g in opt.param_groups:
+            g["lr"] = 0.02
+        want = _torch(ps, opt, _grads(6))
+        assert all(torch.equal(decode(r)[k], want[k]) for k in want)
+        # An Idempotency-Key: committed hot once, replayed by the stack on a retry.
+        n = len(seen)
+        key = {"idempotency-key": "hot-route-1"}
+        first = step(c, sid, _grads(7), key)
+        again = step(c, sid, _grads(7), key)
+        want = _torch(ps, opt, _grads(7))
+        assert first.status_code == again.status_code == 200
+        assert seen[n:] == [True, False]
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert again.headers["etag"] == first.headers["etag"]
+        assert all(torch.equal(decode(again)[k], want[k]) for k in want)
+        other = step(c, sid, _grads(8), key)
+        assert other.status_code == 422 and other.json()["code"] == "idempotency_key_mismatch"
+
+
+def test_a_stalled_body_on_the_hot_route_is_a_408_and_gives_its_budget_back(
+        server: ThreadServer) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        sid, _, _ = _session(c)
+        assert step(c, sid, _grads(0)).status_code == 200  # known and cached now
+        before = snapshot(c, sid)
+        body = st_body(_grads(1))
+        sock = connect(server.url, "POST", f"/v1/sessions/{sid}/step",
+                       {"Content-Type": ST, "Content-Length": str(len(body)),
+                        "X-Request-ID": "stalled"})
+        sock.sendall(body[: len(body) // 2])
+        t0 = time.monotonic()
+        resp = read_response(sock, timeout=10)
+        sock.close()
+        assert resp.status == 408 and 0.8 < time.monotonic() - t0 < 5
+        assert json.loads(resp.body)["code"] == "request_timeout"
+        assert resp.headers["x-request-id"] == "stalled"
+        assert snapshot(c, sid) == before
+        assert server.app.state.body_budget.used == 0
+        text = c.get("/metrics").text
+        assert 'optserve_requests_total{method="POST",route="/v1/sessions/{session_id}/step",' \
+               'status="408"} 1.0' in text
+        for gauge in ("optserve_requests_in_flight", "optserve_request_body_bytes_in_flight"):
+            values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith(gauge)]
+            assert values and sum(values) <= 1  # this scrape itself is in flight
