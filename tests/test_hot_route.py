@@ -1,8 +1,8 @@
-"""The hot step served in front of the middleware stack (api/hot_route.py).
+"""Known sessions' steps served in front of the middleware stack (api/hot_route.py).
 
 Real uvicorn and Redis, results against `torch.optim` itself. Which way a request went is
-read by a spy on the route's `_serve` (its real code still runs): True when it answered
-the request itself, False when the hot path declined and the stack answered.
+read by a spy on the route's `_serve` (its real code still runs); a chunked body (no
+Content-Length) always goes the stack's way, for comparison.
 """
 
 from __future__ import annotations
@@ -34,18 +34,24 @@ def server(redis_url: str) -> Iterator[ThreadServer]:
 
 
 def _spy(srv: ThreadServer) -> list[bool]:
-    """What each step that reached the route's `_serve` came to (True: answered there)."""
+    """One entry per request the route served itself."""
     hot = srv.app.hot
     real = hot._serve
     seen: list[bool] = []
 
-    async def serve(*args: Any) -> bool:
-        served = await real(*args)
-        seen.append(served)
-        return served
+    async def serve(*args: Any) -> None:
+        seen.append(True)
+        await real(*args)
 
     hot._serve = serve
     return seen
+
+
+def _chunked(c: httpx.Client, sid: str, grads: dict[str, torch.Tensor],
+             headers: dict[str, str] | None = None, **params: Any) -> httpx.Response:
+    """The same step with its body chunked: the stack serves it."""
+    return c.post(f"/v1/sessions/{sid}/step", content=iter([st_body(grads)]),
+                  headers={"content-type": ST, **(headers or {})}, params=params)
 
 
 def _grads(k: int) -> dict[str, torch.Tensor]:
@@ -75,30 +81,28 @@ def test_hot_and_stack_steps_alternate_with_torch_bits_and_the_same_headers(
         sid, ps, opt = _session(c)
         heads: dict[bool, httpx.Headers] = {}
         for k in range(12):
-            # A weight header (ignored by an async session) sends a step the stack's way.
-            extra = {"x-optserve-weight": "1"} if k % 3 == 2 else {}
+            stack = k % 3 == 2
             n = len(seen)
-            r = step(c, sid, _grads(k), {**extra, "x-request-id": f"req-{k}"})
+            send = _chunked if stack else step
+            r = send(c, sid, _grads(k), {"x-request-id": f"req-{k}"})
             assert r.status_code == 200, r.text
             want = _torch(ps, opt, _grads(k))
             got = decode(r)
             for name in want:
                 assert torch.equal(got[name], want[name]), (k, name)
             assert r.headers["x-request-id"] == f"req-{k}"
-            hot = seen[n:] == [True]
-            heads[hot] = r.headers
-            if extra:
-                assert seen[n:] == []  # never tried: the stack served it
-        assert seen.count(True) >= 6  # the first step loads the session: the stack's
+            # The first step looks the session up (the stack's way); it is known after.
+            assert seen[n:] == ([] if stack or k == 0 else [True])
+            heads[not stack] = r.headers
         for name in ("content-type", "x-request-id"):
             assert name in heads[True] and name in heads[False]
-        assert sorted(k for k in heads[True] if k != "date") == \
-            sorted(k for k in heads[False] if k != "date")
+        assert sorted(k for k in heads[True] if k not in ("date", "transfer-encoding")) == \
+            sorted(k for k in heads[False] if k not in ("date", "transfer-encoding"))
         # return=none: no body either way, the same headers
         n = len(seen)
         r1 = step(c, sid, _grads(20), **{"return": "none"})
         _torch(ps, opt, _grads(20))
-        r2 = step(c, sid, _grads(21), {"x-optserve-weight": "1"}, **{"return": "none"})
+        r2 = _chunked(c, sid, _grads(21), **{"return": "none"})
         _torch(ps, opt, _grads(21))
         assert seen[n:] == [True] and r1.content == r2.content == b""
         assert int(r2.headers["etag"].strip('"')) == int(r1.headers["etag"].strip('"')) + 1
@@ -108,7 +112,8 @@ def test_hot_and_stack_steps_alternate_with_torch_bits_and_the_same_headers(
         assert all(torch.equal(got[n_], p.detach()) for n_, p in ps.items())
 
 
-def test_what_the_hot_path_declines_is_answered_by_the_stack(server: ThreadServer) -> None:
+def test_refusals_replays_and_hyperparameters_answer_as_the_stack_does(
+        server: ThreadServer) -> None:
     seen = _spy(server)
     with httpx.Client(base_url=server.url, timeout=30) as c:
         sid, ps, opt = _session(c)
@@ -117,40 +122,66 @@ def test_what_the_hot_path_declines_is_answered_by_the_stack(server: ThreadServe
             _torch(ps, opt, _grads(k))
         before = snapshot(c, sid)
         body = st_body(_grads(5))
-        # A body of the declared length that is not safetensors: the stack's 400.
-        n = len(seen)
-        r = c.post(f"/v1/sessions/{sid}/step", content=b"\xff" * len(body),
-                   headers={"content-type": ST})
-        assert r.status_code == 400 and r.json()["code"] == "malformed_body"
-        assert seen[n:] == [False]
-        # A stale If-Match: the hot path leaves it to the stack, which answers 412.
-        r = step(c, sid, _grads(5), {"if-match": '"1"'})
-        assert r.status_code == 412, r.text
+        refusals = [  # (body, headers) -> the same status and code either way
+            (b"\xff" * len(body), {}),  # not safetensors: 400
+            (body, {"if-match": '"1"'}),  # stale: 412
+            (body, {"x-optserve-base-version": "99"}),  # from the future: 409
+            (body, {"idempotency-key": "x" * 300}),  # malformed header: 422
+        ]
+        for content, headers in refusals:
+            n = len(seen)
+            hot = c.post(f"/v1/sessions/{sid}/step", content=content,
+                         headers={"content-type": ST, **headers})
+            stack = c.post(f"/v1/sessions/{sid}/step", content=iter([content]),
+                           headers={"content-type": ST, **headers})
+            assert seen[n:] == [True], headers
+            assert 400 <= hot.status_code < 500 and hot.status_code == stack.status_code
+            assert hot.json()["code"] == stack.json()["code"], headers
+            assert hot.headers["content-type"].startswith("application/problem+json")
         assert snapshot(c, sid) == before
-        # Hyperparameters in the body's metadata: the stack's step applies them.
-        n = len(seen)
+        # Hyperparameters in the body's metadata: applied with the step, as PATCH would.
         meta = {HYPERPARAMS_META_KEY: json.dumps({"hyperparams": {"lr": 0.02}})}
         r = c.post(f"/v1/sessions/{sid}/step", headers={"content-type": ST},
                    content=wire.encode_safetensors(_grads(6), meta))
         assert r.status_code == 200, r.text
-        assert seen[n:] == [False]
         for g in opt.param_groups:
             g["lr"] = 0.02
         want = _torch(ps, opt, _grads(6))
         assert all(torch.equal(decode(r)[k], want[k]) for k in want)
-        # An Idempotency-Key: committed hot once, replayed by the stack on a retry.
-        n = len(seen)
+        # An Idempotency-Key: applied once, replayed on a retry, refused with another body.
         key = {"idempotency-key": "hot-route-1"}
         first = step(c, sid, _grads(7), key)
         again = step(c, sid, _grads(7), key)
         want = _torch(ps, opt, _grads(7))
         assert first.status_code == again.status_code == 200
-        assert seen[n:] == [True, False]
         assert again.headers.get("idempotent-replayed") == "true"
         assert again.headers["etag"] == first.headers["etag"]
         assert all(torch.equal(decode(again)[k], want[k]) for k in want)
         other = step(c, sid, _grads(8), key)
         assert other.status_code == 422 and other.json()["code"] == "idempotency_key_mismatch"
+        # Deleted (this process still knows the id): 404 first, even for a bad body.
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+        n = len(seen)
+        for content in (body, b"\xff" * len(body)):
+            r = c.post(f"/v1/sessions/{sid}/step", content=content,
+                       headers={"content-type": ST})
+            assert r.status_code == 404 and r.json()["code"] == "session_not_found"
+
+
+def test_sync_contributions_take_the_route_and_match_torch(server: ThreadServer) -> None:
+    seen = _spy(server)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        w0 = {"w": torch.linspace(-1, 1, 50), "b": torch.tensor([0.5, -0.25, 2.0])}
+        sid = create(c, w0, optimizer="rmsprop", hyperparams=HP, mode="sync",
+                     sync={"contributions": 1, "timeout_s": 10})["id"]
+        ps = {n: torch.nn.Parameter(t.clone()) for n, t in w0.items()}
+        opt = torch.optim.RMSprop(list(ps.values()), **HP)
+        for k in range(4):
+            r = step(c, sid, _grads(k))
+            assert r.status_code == 200, r.text
+            want = _torch(ps, opt, _grads(k))
+            assert all(torch.equal(decode(r)[n], want[n]) for n in want)
+        assert len(seen) == 3  # all but the first (the look-up)
 
 
 def test_a_stalled_body_on_the_hot_route_is_a_408_and_gives_its_budget_back(

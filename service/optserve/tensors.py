@@ -29,10 +29,13 @@ def from_bytes(raw: bytes | bytearray | memoryview, dtype: str, shape: tuple[int
         raise ValueError(f"stored tensor has {len(raw)} bytes, expected {expected}")
     if writable and device == "cpu" and not isinstance(raw, bytearray):
         raw = bytearray(raw)
-    with warnings.catch_warnings():
-        # Read-only buffers are only ever read (or copied to the device) below.
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.frombuffer(raw, dtype=tdtype).reshape(shape)
+    if isinstance(raw, bytearray) or (isinstance(raw, memoryview) and not raw.readonly):
+        t = torch.frombuffer(raw, dtype=tdtype).reshape(shape)  # writable: torch is silent
+    else:
+        with warnings.catch_warnings():
+            # Read-only buffers are only ever read (or copied to the device) below.
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(raw, dtype=tdtype).reshape(shape)
     if device != "cpu":
         t = t.to(device)
     return t

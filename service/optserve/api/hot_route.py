@@ -1,16 +1,15 @@
-"""The hot step served below the middleware stack: one coroutine from request to response.
+"""Steps of known sessions served in front of the middleware stack: one coroutine each.
 
-`hot_step.try_step` commits a small step of a session this process holds in one Redis round
-trip; at 1e4 elements the layers around it (request context, body budget and deadline,
-error boundary, Starlette's request and header objects) cost as much as the step itself
-(README, "Where the microseconds go"). This outermost layer takes only requests the hot
-path can commit: a plain safetensors step (no hyperparameters, no weight) of an async session
-this process has seen and holds in its cache, whose body arrives complete within its
-Content-Length and the hot-step bound, with tracing off. For those it does what the stack
-does: the request id, the body budget and deadline, the metrics and access-log line, the
-same response through the same response class, errors through the application's handlers.
-Anything else, and any step the hot path declines (it has written nothing then), goes down
-the stack as it came, its body replayed: that path answers it exactly as before.
+At 1e4 elements the layers around a step (request context, body budget and deadline, error
+boundaries, Starlette's request and header objects) cost as much as the step itself
+(README, "Where the microseconds go"). This outermost layer serves a plain step of a
+session this process has seen (`step_path.KnownSessions`), with a safetensors body within
+its Content-Length and the hot-step bound, and tracing off: it does what the stack does for
+it (the request id, the body budget and deadline, the same route body through
+`tensors.apply_step` and `step_response`, errors through the application's handlers with
+the contract's 404 first, the metrics and access-log line). Anything else goes down the
+stack as it came, and so does a request whose body does not arrive whole (its bytes
+replayed): that path answers it exactly as before.
 """
 
 from __future__ import annotations
@@ -29,46 +28,36 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from optserve_client import wire
 
-from .. import hot_step, metrics, tracing
+from .. import metrics, tracing
+from ..checks import parse_step_hyperparams
 from ..errors import DomainError
 from ..logs import REQUEST, RequestContext
 from ..session import SessionMeta
 from .bodies import timeout_error
-from .deps import (
-    DEFAULT_TENANT,
-    PARSE_ON_LOOP_BYTES,
-    digest,
-    parse_cost,
-    parse_if_match,
-    parse_version_header,
-    version_headers,
-)
+from .deps import DEFAULT_TENANT, decode_tensors, digest
 from .negotiation import negotiate
 from .observability import REQUEST_ID, record, request_id
 from .problems import internal_error, log
-from .step_path import KnownSessions, handler_for, step_query, step_route
-from .tensors import TensorResponse
+from .step_path import KnownSessions, checked_refusal, handler_for, step_query, step_route
+from .tensors import apply_step, step_headers, step_response
 
 _SAFETENSORS = wire.SAFETENSORS_TYPE
 
 
 @dataclass(slots=True)
 class _Plan:
-    """A request the hot path may take: what the stack's checks would have found."""
+    """A request this route serves: what the stack's checks up to the body found."""
 
     sid: str
     meta: SessionMeta
     declared: int
     headers: dict[str, str]
-    if_match: int | None
-    base: int | None
-    idem: str | None
     encode: Any
     rid: str
 
 
 class HotStepRoute:
-    """Serves hot steps itself; every other request passes through untouched."""
+    """Serves known sessions' plain steps itself; every other request passes through."""
 
     def __init__(self, app: ASGIApp, root: FastAPI, known: KnownSessions) -> None:
         self.app = app
@@ -81,7 +70,7 @@ class HotStepRoute:
         try:
             plan = self._plan(scope, *found) if found is not None else None
         except Exception:  # nothing is read or sent yet: the stack answers it
-            log.exception("the hot step's checks failed; the request goes the usual way")
+            log.exception("the step route's checks failed; the request goes the usual way")
             plan = None
         if plan is None:
             await self.app(scope, receive, send)
@@ -120,7 +109,8 @@ class HotStepRoute:
                                  start, received)
                 served = True
             if complete and received == plan.declared:
-                served = await self._serve(scope, receive, send, plan, chunks, start)
+                await self._serve(scope, receive, send, plan, chunks, start)
+                served = True
         finally:
             metrics.IN_FLIGHT.dec()
             metrics.IN_FLIGHT_BYTES.dec(received)
@@ -130,7 +120,7 @@ class HotStepRoute:
             await self.app(scope, _replay(chunks, complete, receive), send)
 
     def _plan(self, scope: Scope, sid: str, return_: str) -> _Plan | None:
-        """The plan for a step request the hot path can take, else None."""
+        """The plan for a step request this route serves, else None."""
         state = self.root.state
         settings = state.settings
         limit = min(settings.hot_step_bytes, settings.max_body_bytes,
@@ -142,64 +132,39 @@ class HotStepRoute:
             h.setdefault(k.decode("latin-1"), v.decode("latin-1"))  # the first, as Starlette
         declared = h.get("content-length", "")
         if not (declared.isascii() and declared.isdigit()) or not 0 < int(declared) <= limit \
-                or "transfer-encoding" in h or "x-optserve-weight" in h \
+                or "transfer-encoding" in h \
                 or wire.base_type(h.get("content-type")) != _SAFETENSORS \
                 or negotiate(h.get("accept"), _SAFETENSORS) != _SAFETENSORS:
             return None
         tenant = _tenant(settings, h.get("authorization", ""))
         meta = self.known.get(sid)
-        if tenant is None or meta is None or meta.tenant != tenant or meta.is_sync \
-                or not state.engine.cache.holds(sid):
-            return None
-        idem = h.get("idempotency-key")
-        if idem is not None and not (0 < len(idem) <= 255 and idem.isprintable()):
-            return None
-        raw_match = h.get("if-match")
-        if_match = parse_if_match(raw_match) if (raw_match or "").strip() != "*" else None
-        try:
-            base = parse_version_header(h.get("x-optserve-base-version"),
-                                        "X-Optserve-Base-Version")
-        except DomainError:
+        if tenant is None or meta is None or meta.tenant != tenant:
             return None
         encode = wire.encode_safetensors_parts if return_ == "params" else None
-        return _Plan(sid, meta, int(declared), h, if_match, base, idem, encode,
-                     request_id(h.get(REQUEST_ID)))
+        return _Plan(sid, meta, int(declared), h, encode, request_id(h.get(REQUEST_ID)))
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, plan: _Plan,
-                     chunks: list[bytes], start: float) -> bool:
-        """The step through `hot_step.try_step`; False when it declined (nothing sent)."""
+                     chunks: list[bytes], start: float) -> None:
+        """The route's body for the whole request body, then the response."""
         body = bytearray(chunks[0]) if len(chunks) == 1 else bytearray(b"".join(chunks))
-        if parse_cost(body, _SAFETENSORS) > PARSE_ON_LOOP_BYTES:
-            return False  # a long header: the stack parses it off the event loop
-        try:
-            grads, metadata = wire.decode_safetensors(body)
-        except wire.WireError:
-            return False  # the stack answers 400
-        if metadata:
-            return False  # hyperparameters, or metadata to check: the stack's step
-        engine = self.root.state.engine
+        state = self.root.state
         scope["route"] = self.route
         scope["path_params"] = {"session_id": plan.sid}
+        meta = plan.meta
         try:
-            outcome = await hot_step.try_step(
-                engine, plan.meta, grads, idempotency_key=plan.idem, base_version=plan.base,
-                if_match=plan.if_match, encode=plan.encode,
-                request_digest=await digest("POST", scope["path"], plan.headers, body))
-            if outcome is None:
-                return False
-            metrics.child(metrics.STEPS, plan.meta.optimizer).inc()
-            headers = version_headers(outcome.version)
-            if outcome.body is None:
-                if outcome.after_send is not None:
-                    outcome.after_send()
-                response: Response = Response(status_code=200, headers=headers)
-            else:
-                response = TensorResponse(outcome.body, _SAFETENSORS, headers,
-                                          outcome.after_send)
-        except Exception as exc:  # the commit's own errors: answered as the stack would
+            try:
+                grads, metadata = await decode_tensors(body, _SAFETENSORS)
+                hyperparams = parse_step_hyperparams(metadata)
+                digest_ = await digest("POST", scope["path"], plan.headers, body)
+                outcome = await apply_step(state.engine, state.sync_rounds, meta, grads,
+                                           hyperparams, step_headers(plan.headers), digest_,
+                                           plan.encode)
+            except DomainError as exc:
+                raise await checked_refusal(state.store, self.known, meta.id, exc) from None
+            response = step_response(meta, outcome, _SAFETENSORS)
+        except Exception as exc:  # answered as the stack would answer it
             response = await self._problem(scope, receive, send, exc)
         await self._send(scope, receive, send, plan, response, start, len(body))
-        return True
 
     async def _problem(self, scope: Scope, receive: Receive, send: Send,
                        exc: Exception) -> Response:

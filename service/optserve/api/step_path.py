@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import DomainError
 from ..session import SessionMeta
+from ..store.redis_store import Store
 from . import deps, tensors
 
 KNOWN_SESSIONS = 10_000
@@ -56,19 +57,13 @@ class StepFastPath:
         self.known = known
 
     async def _step_known(self, request: Request, meta: SessionMeta, return_: str) -> Any:
-        """A step of a session seen before, without the look-up's round trip. Under the lock
-        the step reads the document afresh (a session deleted since is a 404 there); a
-        refusal before the lock (415, 406, 413, 400...) first checks that the session still
-        exists, as the look-up would have: the contract's 404 comes first."""
+        """A step of a session seen before, without the look-up's round trip."""
         state = self.root.state
         try:
             return await tensors.run_step(request, meta, state.engine, state.sync_rounds,
                                           state.settings, return_)
         except DomainError as exc:
-            if exc.code != "session_not_found" and await state.store.get_meta(meta.id) is None:
-                self.known.pop(meta.id, None)
-                raise DomainError("session_not_found", f"no session {meta.id!r}") from None
-            raise
+            raise await checked_refusal(state.store, self.known, meta.id, exc) from None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = step_query(scope)
@@ -97,6 +92,18 @@ class StepFastPath:
                 raise  # the ErrorBoundary's 500, as for any route
             response = await handler(request, exc)
         await response(scope, receive, send)
+
+
+async def checked_refusal(store: Store, known: KnownSessions, sid: str,
+                          exc: DomainError) -> DomainError:
+    """A refusal of a known session's step, made without the look-up: under the lock the
+    step reads the document afresh (a session deleted since is a 404 there), but a refusal
+    before the lock (415, 406, 413, 400...) first checks that the session still exists, as
+    the look-up would have: the contract's 404 comes first."""
+    if exc.code != "session_not_found" and await store.get_meta(sid) is None:
+        known.pop(sid, None)
+        return DomainError("session_not_found", f"no session {sid!r}")
+    return exc
 
 
 def handler_for(root: FastAPI, exc: Exception) -> Any:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
@@ -12,7 +14,7 @@ from optserve_client import wire
 
 from .. import metrics
 from ..checks import parse_step_hyperparams
-from ..engine import Engine
+from ..engine import Engine, StepOutcome
 from ..errors import DomainError
 from ..rounds import SyncRounds
 from ..session import SessionMeta
@@ -148,11 +150,28 @@ async def run_step(request: Request, meta: SessionMeta, engine: Engine, rounds: 
     grads, metadata = await decode_tensors(body, kind)
     hyperparams = parse_step_hyperparams(metadata)
     digest = await request_digest(request, body)
-    h = request.headers
+    encode = _encoder(out_kind) if return_ == "params" else None
+    outcome = await apply_step(engine, rounds, meta, grads, hyperparams,
+                               step_headers(request.headers), digest, encode)
+    return step_response(meta, outcome, out_kind)
+
+
+@dataclass
+class StepHeaders:
+    """A step's optional headers. A malformed one is a 422, which must not win over a
+    412/409 that also applies: it is raised by the engine right after those checks."""
+
+    if_match: int | None
+    idempotency_key: str | None
+    base_version: int | None
+    weight: float
+    bad_header: DomainError | None
+
+
+def step_headers(h: Mapping[str, str]) -> StepHeaders:
+    """The step's headers (by lower-case name), parsed; also `hot_route`'s."""
     if_match = parse_if_match(h.get("if-match")) if h.get(
         "if-match", "").strip() != "*" else None
-    # A malformed header is a 422, which must not win over a 412/409 that also applies:
-    # it is raised by the engine right after those checks.
     bad_header: DomainError | None = None
     idem = h.get("idempotency-key")
     if idem is not None and not (0 < len(idem) <= 255 and idem.isprintable()):
@@ -167,16 +186,27 @@ async def run_step(request: Request, meta: SessionMeta, engine: Engine, rounds: 
         weight = _weight(h.get("x-optserve-weight"))
     except DomainError as exc:
         bad_header, weight = bad_header or exc, 1.0
-    encode = _encoder(out_kind) if return_ == "params" else None
+    return StepHeaders(if_match, idem, base, weight, bad_header)
+
+
+async def apply_step(engine: Engine, rounds: SyncRounds, meta: SessionMeta,
+                     grads: dict[str, wire.WireTensor], hyperparams: dict[str, Any] | None,
+                     h: StepHeaders, digest: str | None, encode: Any) -> StepOutcome:
+    """The step of an async session, or a sync session's contribution."""
     if meta.is_sync:
-        outcome = await rounds.contribute(meta, grads, idempotency_key=idem, base_version=base,
-                                          if_match=if_match, weight=weight, encode=encode,
-                                          bad_header=bad_header, hyperparams=hyperparams,
-                                          request_digest=digest)
-    else:
-        outcome = await engine.step(meta, grads, idempotency_key=idem, base_version=base,
-                                    if_match=if_match, encode=encode, bad_header=bad_header,
-                                    hyperparams=hyperparams, request_digest=digest)
+        return await rounds.contribute(meta, grads, idempotency_key=h.idempotency_key,
+                                       base_version=h.base_version, if_match=h.if_match,
+                                       weight=h.weight, encode=encode,
+                                       bad_header=h.bad_header, hyperparams=hyperparams,
+                                       request_digest=digest)
+    return await engine.step(meta, grads, idempotency_key=h.idempotency_key,
+                             base_version=h.base_version, if_match=h.if_match, encode=encode,
+                             bad_header=h.bad_header, hyperparams=hyperparams,
+                             request_digest=digest)
+
+
+def step_response(meta: SessionMeta, outcome: StepOutcome, out_kind: str) -> Response:
+    """A step's 200: the version headers and, unless ``return=none``, the parameters."""
     if not outcome.replayed:
         metrics.child(metrics.STEPS, meta.optimizer).inc()
     headers = version_headers(outcome.version)
