@@ -132,3 +132,24 @@ def test_wire_ready_keeps_zero_dim() -> None:
     tensors, _ = wire.decode_safetensors(body)
     assert tensors["s"].shape == () and tensors["g"].shape == () and "n" not in tensors
     assert float(wire.to_numpy(tensors["s"])) == 3.0
+
+
+def test_a_header_seen_before_decodes_alike_and_is_still_checked() -> None:
+    """Decoding remembers headers it has checked (by their bytes); a remembered header
+    gives the same tensors over the new body, and a body whose data does not fit it is
+    still refused."""
+    tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4),
+               "b": np.array([1.5, -2.0], dtype=np.float32)}
+    body = wire.encode_safetensors(tensors, {"k": "v"})
+    first, meta1 = wire.decode_safetensors(bytearray(body))
+    again_body = bytearray(body)
+    again, meta2 = wire.decode_safetensors(again_body)
+    assert list(first) == list(again) == ["w", "b"] and meta1 == meta2 == {"k": "v"}
+    for name, arr in tensors.items():
+        assert np.array_equal(wire.to_numpy(again[name]), arr)
+        assert again[name].data.obj is again_body  # a view over the new body, not the old
+    meta2["k"] = "changed"  # the caller's copy: the remembered one is untouched
+    assert wire.decode_safetensors(bytearray(body))[1] == {"k": "v"}
+    for bad in (bytearray(body) + b"\0\0\0\0", bytearray(body)[:-4]):
+        with pytest.raises(wire.WireError):
+            wire.decode_safetensors(bad)

@@ -71,8 +71,16 @@ def decode_safetensors(body: bytes | bytearray | memoryview
     (n,) = struct.unpack_from("<Q", view, 0)
     if n > _MAX_HEADER or 8 + n > len(view):
         raise WireError(f"safetensors header length {n} exceeds the body ({len(view)} bytes)")
+    raw = bytes(view[8 : 8 + n])
+    data = view[8 + n :]
+    known = _LAYOUTS.get(raw)
+    if known is not None and known[2] == len(data):  # a header seen (and checked) before
+        layout, meta, _ = known
+        return ({name: WireTensor(dtype, shape, data[begin:end])
+                 for name, dtype, shape, begin, end in layout},
+                None if meta is None else dict(meta))
     try:
-        text = bytes(view[8 : 8 + n]).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise WireError(f"safetensors header is not UTF-8: {exc}") from None
     header = load_json(text, "safetensors header")
@@ -84,8 +92,8 @@ def decode_safetensors(body: bytes | bytearray | memoryview
         and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     ):
         raise WireError("safetensors __metadata__ must map strings to strings")
-    data = view[8 + n :]
     spans: list[tuple[int, int, str]] = []
+    layout: list[tuple[str, str, tuple[int, ...], int, int]] = []
     tensors: dict[str, WireTensor] = {}
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
@@ -111,6 +119,7 @@ def decode_safetensors(body: bytes | bytearray | memoryview
                 f"of {dtype}"
             )
         spans.append((begin, end, name))
+        layout.append((name, dtype, shape_t, begin, end))
         tensors[name] = WireTensor(dtype, shape_t, data[begin:end])
     spans.sort()
     pos = 0
@@ -120,7 +129,20 @@ def decode_safetensors(body: bytes | bytearray | memoryview
         pos = end
     if pos != len(data):
         raise WireError(f"safetensors data is {len(data)} bytes but the header covers {pos}")
+    if n <= _LAYOUT_HEADER:
+        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.clear()
+        _LAYOUTS[raw] = (layout, None if metadata is None else dict(metadata), len(data))
     return tensors, metadata
+
+
+# Headers already parsed and checked, by their bytes: the same client sends the same header
+# with every step, and parsing it again (JSON, shapes, offsets) costs more than the rest of
+# the decode. Small headers only; cleared when full.
+_LAYOUT_HEADER = 4096
+_LAYOUTS_KEPT = 512
+_LAYOUTS: dict[bytes, tuple[list[tuple[str, str, tuple[int, ...], int, int]],
+                            dict[str, str] | None, int]] = {}
 
 
 # --------------------------------------------------------------------------- encoding
