@@ -79,20 +79,31 @@ class TensorCache:
         self._items: OrderedDict[str, Loaded] = OrderedDict()
         self._bytes = 0
         self._mutex = threading.Lock()
+        # What the gauges say. They are brought up to date when an entry comes back or goes
+        # for good, not when a step takes one out for a moment (two shared-file writes
+        # fewer each way): a session's tensors count while a step has them.
+        self._reported = (0, 0)
+
+    def _report(self) -> None:
+        now = (self._bytes, len(self._items))
+        if now != self._reported:
+            metrics.CACHE_BYTES.inc(now[0] - self._reported[0])
+            metrics.CACHE_ENTRIES.inc(now[1] - self._reported[1])
+            self._reported = now
 
     def put(self, sid: str, item: Loaded) -> None:
         with self._mutex:
             self._remove(sid)
             if item.nbytes > self.limit:
+                self._report()
                 return
             self._items[sid] = item
             self._bytes += item.nbytes
-            metrics.CACHE_BYTES.inc(item.nbytes)
-            metrics.CACHE_ENTRIES.inc()
             while self._bytes > self.limit and self._items:
                 oldest = next(iter(self._items))
                 self._remove(oldest)
                 metrics.CACHE.labels("evicted").inc()
+            self._report()
 
     def take(self, sid: str, version: int, nonce: str | None) -> Loaded | None:
         """Remove and return the entry: the caller owns those tensors until it puts them back."""
@@ -122,10 +133,9 @@ class TensorCache:
     def drop(self, sid: str) -> None:
         with self._mutex:
             self._remove(sid)
+            self._report()
 
     def _remove(self, sid: str) -> None:
         item = self._items.pop(sid, None)
         if item is not None:
             self._bytes -= item.nbytes
-            metrics.CACHE_BYTES.dec(item.nbytes)
-            metrics.CACHE_ENTRIES.dec()
