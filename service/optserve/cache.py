@@ -11,6 +11,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,6 +39,8 @@ class Loaded:
     # name -> (tensor, its address, a WireTensor over its memory): see `wire_params`.
     views: dict[str, tuple[torch.Tensor, int, WireTensor]] = field(
         default_factory=dict, repr=False, compare=False)
+    # The native kernel's settled calls for these tensors (optim/native_fast.py).
+    kernel_memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def wire_params(self) -> Mapping[str, WireTensor | torch.Tensor]:
         """The parameters for a response body: CPU tensors as WireTensors over their own

@@ -19,6 +19,7 @@ from optserve_client.wire import WireTensor
 from . import optim
 from .cache import Loaded, nbytes
 from .errors import DomainError
+from .optim import native_fast
 from .session import SessionMeta
 from .store import keys
 from .tensors import from_bytes
@@ -75,18 +76,36 @@ def apply(opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
           device: torch.device, kernel: optim.KernelName
           ) -> tuple[list[str], dict[str, float | None]]:
     """The optimizer's step in place on `loaded`; the touched names and the step's norms."""
+    if kernel == "exact" and torch.device(device).type == "cpu" and opt.name == "rmsprop" \
+            and all(isinstance(g, WireTensor) for g in grads.values()):
+        with torch.no_grad():
+            sums = native_fast.step(loaded.params, loaded.state, grads,  # type: ignore[arg-type]
+                                    hp, loaded.kernel_memo)
+        if sums is not None:
+            return _finish(opt, loaded, grads, sums,
+                           {n: t.update_sq for n, t in sums.items()}, [], device)
     tgrads = {
         n: w.to(device) if isinstance(w, torch.Tensor)
         else from_bytes(w.data, w.dtype, w.shape, device, writable=False)
         for n, w in grads.items()
     }
-    touched = sorted(tgrads)
     with torch.no_grad():
         totals: dict[str, Any] = {}  # the native kernel's sums, by name (see optim.step)
         update_sq = optim.step(opt, loaded.params, tgrads, loaded.state, hp,
                                kernel=kernel, track_update=True, totals=totals)
-        # gradients are read-only: their norm after the step is the norm before it
-        rest = [t for n, t in tgrads.items() if n not in totals]
+    return _finish(opt, loaded, tgrads, totals, update_sq,
+                   [t for n, t in tgrads.items() if n not in totals], device)
+
+
+def _finish(opt: optim.OptimizerDef, loaded: Loaded,
+            grads: Mapping[str, WireTensor | torch.Tensor], totals: Mapping[str, Any],
+            update_sq: Mapping[str, float], rest: list[torch.Tensor], device: torch.device
+            ) -> tuple[list[str], dict[str, float | None]]:
+    """The step's norms, and its refusal when it made anything non-finite. `rest`: the
+    gradients the native kernel did not sum (read-only: their norm after the step is the
+    norm before it)."""
+    touched = sorted(grads)
+    with torch.no_grad():
         grad_norm = math.sqrt(_norm(rest) ** 2 + sum(t.grad_sq for t in totals.values()))
         # The old parameters are finite, so a finite update norm proves the new ones are:
         # the norm (from the compiled or native kernel's own pass) serves as the check.
@@ -94,6 +113,9 @@ def apply(opt: optim.OptimizerDef, hp: Any, loaded: Loaded,
         acc_ok = all(math.isfinite(t.acc_sum) for t in totals.values()) \
             and _accumulators_finite(opt, loaded, [n for n in touched if n not in totals])
         if not math.isfinite(update_norm) or not acc_ok:
+            tgrads = {n: w if isinstance(w, torch.Tensor)
+                      else from_bytes(w.data, w.dtype, w.shape, device, writable=False)
+                      for n, w in grads.items()}
             refuse_non_finite(loaded, tgrads, touched)  # exact; this path is rare
             if not math.isfinite(update_norm):
                 update_norm = None  # a float32 sum overflowed; the tensors are finite
