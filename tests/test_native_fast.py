@@ -138,3 +138,20 @@ def test_a_replaced_tensor_is_settled_afresh() -> None:
     want_p, want_s = _torch_run({"momentum": 0.5}, init, seq)
     assert torch.equal(loaded.params["w"], want_p["w"])
     assert torch.equal(loaded.state["w"]["momentum_buffer"], want_s["w"]["momentum_buffer"])
+
+
+def test_the_step_counter_counts_as_torchs_float32_add_even_past_2_to_the_24() -> None:
+    opt = optim.get_optimizer("rmsprop")
+    hp = opt.hyperparams.model_validate({})
+    init = make_params({"w": (16,)}, torch.float32, seed=41)
+    seq = make_grads({"w": (16,)}, torch.float32, seed=42, steps=5)
+    loaded = Loaded(0, {"w": init["w"].clone()}, {})
+    update.apply(opt, hp, loaded, _wire(seq[0]), device=CPU, kernel="exact")
+    counter = loaded.state["w"]["step"]
+    counter.fill_(2.0 ** 24 - 2)
+    want = counter.clone()
+    for grads in seq[1:]:
+        update.apply(opt, hp, loaded, _wire(grads), device=CPU, kernel="exact")
+        want += 1  # torch's own float32 add: sticks at 2**24
+        assert loaded.state["w"]["step"] is counter and torch.equal(counter, want)
+    assert counter.item() == 2.0 ** 24

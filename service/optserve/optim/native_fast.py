@@ -48,6 +48,7 @@ class _Entry:
     shape: tuple[int, ...]
     args: tuple[Any, ...]  # dtype code, param, square_avg, grad_avg, momentum_buffer, numel
     itemsize: int
+    step: Any  # the float32 step counter's memory (ctypes.c_float over the tensor's)
 
 
 def step(params: Mapping[str, Tensor], state: Mapping[str, ParamState],
@@ -77,14 +78,14 @@ def step(params: Mapping[str, Tensor], state: Mapping[str, ParamState],
         address = ctypes.addressof(ctypes.c_char.from_buffer(g.data))
         if address % entry.itemsize:
             return None
-        work.append((name, entry, address, st))
+        work.append((name, entry, address))
     flags = ((native._MAXIMIZE if hp.maximize else 0)
              | (native._WEIGHT_DECAY if hp.weight_decay != 0 else 0)
              | (native._CENTERED if hp.centered else 0)
              | (native._MOMENTUM if hp.momentum > 0 else 0))
     threads = torch.get_num_threads()
     out: dict[str, native.Totals] = {}
-    for name, entry, address, st in work:
+    for name, entry, address in work:
         code, p, sa, ga, buf, n = entry.args
         totals = native.Totals()
         rc = lib.optserve_rmsprop(code, p, address, sa, ga, buf, n, -hp.lr, hp.alpha,
@@ -95,7 +96,10 @@ def step(params: Mapping[str, Tensor], state: Mapping[str, ParamState],
                 raise RuntimeError(f"the native kernel refused {name!r} after taking "
                                    f"{sorted(out)} (code {rc})")
             return None
-        st["step"] += 1  # RMSprop's update does not read it: counted as torch counts it
+        # RMSprop's update does not read the step: counted as torch counts it (a float32
+        # add of 1: x + 1 is exact in double, then rounded to float32 as torch rounds it),
+        # written to the counter tensor's memory (a torch op costs 5-35 us here).
+        entry.step.value += 1.0
         totals.filled = True
         out[name] = totals
     return out
@@ -110,12 +114,12 @@ def _still(entry: _Entry, param: Tensor, st: ParamState, key: tuple[bool, bool])
 
 
 def _used(param: Tensor, st: ParamState, key: tuple[bool, bool]) -> tuple[Tensor, ...] | None:
-    """param, square_avg, then grad_avg and momentum_buffer when in use; None when any is
-    missing (the general path creates state)."""
+    """param, step, square_avg, then grad_avg and momentum_buffer when in use; None when
+    any is missing (the general path creates state)."""
     centered, momentum = key
     if "step" not in st or "square_avg" not in st:
         return None
-    out = [param, st["square_avg"]]
+    out = [param, st["step"], st["square_avg"]]
     for wanted, name in ((centered, "grad_avg"), (momentum, "momentum_buffer")):
         if wanted:
             t = st.get(name)
@@ -130,16 +134,19 @@ def _settle(param: Tensor, st: ParamState, key: tuple[bool, bool]) -> _Entry | N
     `native._usable` decides for a gradient of the parameter's own dtype)."""
     used = _used(param, st, key)
     if used is None or param.dtype not in _WIRE or param.device.type != "cpu" \
-            or param.numel() == 0 or not flat_ok(param, *used[1:]) \
-            or not isinstance(st["step"], Tensor) or st["step"].dim() != 0:
+            or param.numel() == 0 or not flat_ok(param, *used[2:]):
+        return None
+    step = used[1]
+    if not isinstance(step, Tensor) or step.dim() != 0 or step.dtype != torch.float32 \
+            or step.device.type != "cpu":
         return None
     size = param.element_size()
-    if any(t.data_ptr() % size for t in used):
+    if any(t.data_ptr() % size for t in (param, *used[2:])):
         return None
     centered, momentum = key
-    sa = used[1].data_ptr()
-    ga = used[2].data_ptr() if centered else None
+    sa = used[2].data_ptr()
+    ga = used[3].data_ptr() if centered else None
     buf = used[-1].data_ptr() if momentum else None
     args = (native._DTYPES[param.dtype], param.data_ptr(), sa, ga, buf, param.numel())
     return _Entry(used, tuple(t.data_ptr() for t in used), _WIRE[param.dtype],
-                  tuple(param.shape), args, size)
+                  tuple(param.shape), args, size, ctypes.c_float.from_address(step.data_ptr()))
