@@ -107,6 +107,29 @@ def test_two_workers_count_every_step_in_every_scrape(two_workers: Serve) -> Non
 
 
 @pytest.mark.slow
+def test_one_worker_keeps_its_values_in_memory_on_both_ports(redis_url: str) -> None:
+    """One worker needs no shared files: its values stay in memory (no `pid` label on its
+    process metrics), and both the API's /metrics and a separate metrics port count every
+    step (the port's server runs in the same process as the one worker)."""
+    n = 5
+    mport = free_port()
+    srv = Serve(redis_url, OPTSERVE_METRICS_PORT=str(mport))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            sid = create(c, {"w": torch.ones(4)}, optimizer="rmsprop")["id"]
+            for _ in range(n):
+                assert step(c, sid, {"w": torch.full((4,), 0.1)}).status_code == 200
+            page = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=60)
+            assert page.status_code == 200
+            assert _sample(page.text, "optserve_steps_applied_total", optimizer="rmsprop") == n
+            assert _sample(page.text, "optserve_hot_steps_total", result="committed") >= n - 2
+            assert _sample(page.text, "process_resident_memory_bytes") is not None
+            assert "process_resident_memory_bytes{pid=" not in page.text
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
 def test_json_access_lines_carry_the_request(two_workers: Serve) -> None:
     with httpx.Client(base_url=two_workers.url, timeout=60,
                       headers={"authorization": "Bearer ko"}) as c:
