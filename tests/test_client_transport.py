@@ -153,3 +153,17 @@ def test_a_header_seen_before_decodes_alike_and_is_still_checked() -> None:
     for bad in (bytearray(body) + b"\0\0\0\0", bytearray(body)[:-4]):
         with pytest.raises(wire.WireError):
             wire.decode_safetensors(bad)
+
+
+def test_requests_go_to_their_origins_pool_with_the_path_and_query() -> None:
+    from optserve_client._transport import Urllib3Transport
+
+    t = Urllib3Transport()
+    pool, path = t._route("http://127.0.0.1:8123/base/v1/sessions/ab/step?return=none")
+    assert (pool.host, pool.port, pool.scheme) == ("127.0.0.1", 8123, "http")
+    assert path == "/base/v1/sessions/ab/step?return=none"
+    again, _ = t._route("http://127.0.0.1:8123/v1/sessions")
+    assert again is pool  # one pool per origin, as PoolManager keeps it
+    other, path = t._route("https://[::1]:9000")
+    assert other is not pool and path == "/" and other.scheme == "https"
+    t.close()
