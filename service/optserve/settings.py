@@ -83,7 +83,9 @@ class Settings(BaseSettings):
         1024 * 1024, ge=0, description="A step of a session this process holds hot, with "
         "gradients up to this many bytes, is computed on the cached tensors and committed "
         "in one Redis round trip (a guarded script); larger ones, or 0, take the locked "
-        "path (two round trips; the gradient is not copied through a script)."
+        "path (two round trips; the gradient is not copied through a script). Step bodies "
+        "up to this size of a session this process has seen are served in front of the "
+        "middleware stack (api/hot_route.py); 0 sends every request through it."
     )
     redis_timeout_s: float = Field(5.0, gt=0)
     redis_max_connections: int = Field(
