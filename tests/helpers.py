@@ -60,3 +60,12 @@ def snapshot(client: httpx.Client, sid: str) -> tuple[int | None, bytes]:
         {n: wire.to_numpy(t).tolist() for n, t in sorted(tensors.items())}
         | {"__info": [info["hyperparams"], info["optimizer"], info["version"]]}
     ).encode()
+
+
+def torch_step(ps: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
+               grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One step of `torch.optim` itself with these gradients; the new parameters."""
+    for n, p in ps.items():
+        p.grad = grads[n].clone()
+    opt.step()
+    return {n: p.detach().clone() for n, p in ps.items()}

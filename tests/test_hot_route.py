@@ -20,7 +20,7 @@ from optserve.checks import HYPERPARAMS_META_KEY
 from optserve_client import wire
 
 from conftest import ThreadServer, start_thread_server
-from helpers import ST, create, decode, snapshot, st_body, step
+from helpers import ST, create, decode, snapshot, st_body, step, torch_step
 from rawhttp import connect, read_response
 
 HP = {"lr": 0.01, "alpha": 0.9, "momentum": 0.5, "weight_decay": 0.1}
@@ -75,13 +75,6 @@ def _session(c: httpx.Client) -> tuple[str, dict[str, torch.nn.Parameter], torch
     return sid, ps, torch.optim.RMSprop(list(ps.values()), **HP)
 
 
-def _torch(ps: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
-           grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for n, p in ps.items():
-        p.grad = grads[n].clone()
-    opt.step()
-    return {n: p.detach().clone() for n, p in ps.items()}
-
 
 def test_hot_and_stack_steps_alternate_with_torch_bits_and_the_same_headers(
         server: ThreadServer) -> None:
@@ -95,7 +88,7 @@ def test_hot_and_stack_steps_alternate_with_torch_bits_and_the_same_headers(
             send = _chunked if stack else step
             r = send(c, sid, _grads(k), {"x-request-id": f"req-{k}"})
             assert r.status_code == 200, r.text
-            want = _torch(ps, opt, _grads(k))
+            want = torch_step(ps, opt, _grads(k))
             got = decode(r)
             for name in want:
                 assert torch.equal(got[name], want[name]), (k, name)
@@ -110,9 +103,9 @@ def test_hot_and_stack_steps_alternate_with_torch_bits_and_the_same_headers(
         # return=none: no body either way, the same headers
         n = len(seen)
         r1 = step(c, sid, _grads(20), **{"return": "none"})
-        _torch(ps, opt, _grads(20))
+        torch_step(ps, opt, _grads(20))
         r2 = _chunked(c, sid, _grads(21), **{"return": "none"})
-        _torch(ps, opt, _grads(21))
+        torch_step(ps, opt, _grads(21))
         assert seen[n:] == [True] and r1.content == r2.content == b""
         assert int(r2.headers["etag"].strip('"')) == int(r1.headers["etag"].strip('"')) + 1
         assert sorted(k for k in r1.headers if k not in ("date", "x-request-id")) == \
@@ -128,7 +121,7 @@ def test_refusals_replays_and_hyperparameters_answer_as_the_stack_does(
         sid, ps, opt = _session(c)
         for k in range(2):
             assert step(c, sid, _grads(k)).status_code == 200
-            _torch(ps, opt, _grads(k))
+            torch_step(ps, opt, _grads(k))
         before = snapshot(c, sid)
         body = st_body(_grads(5))
         refusals = [  # (body, headers) -> the same status and code either way
@@ -155,13 +148,13 @@ def test_refusals_replays_and_hyperparameters_answer_as_the_stack_does(
         assert r.status_code == 200, r.text
         for g in opt.param_groups:
             g["lr"] = 0.02
-        want = _torch(ps, opt, _grads(6))
+        want = torch_step(ps, opt, _grads(6))
         assert all(torch.equal(decode(r)[k], want[k]) for k in want)
         # An Idempotency-Key: applied once, replayed on a retry, refused with another body.
         key = {"idempotency-key": "hot-route-1"}
         first = step(c, sid, _grads(7), key)
         again = step(c, sid, _grads(7), key)
-        want = _torch(ps, opt, _grads(7))
+        want = torch_step(ps, opt, _grads(7))
         assert first.status_code == again.status_code == 200
         assert again.headers.get("idempotent-replayed") == "true"
         assert again.headers["etag"] == first.headers["etag"]
@@ -188,7 +181,7 @@ def test_sync_contributions_take_the_route_and_match_torch(server: ThreadServer)
         for k in range(4):
             r = step(c, sid, _grads(k))
             assert r.status_code == 200, r.text
-            want = _torch(ps, opt, _grads(k))
+            want = torch_step(ps, opt, _grads(k))
             assert all(torch.equal(decode(r)[n], want[n]) for n in want)
         assert len(seen) == 3  # all but the first (the look-up)
 

@@ -17,7 +17,7 @@ import torch
 
 from optserve.store import keys
 
-from helpers import create, decode, step
+from helpers import create, decode, step, torch_step
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +43,6 @@ def _reference(w0: dict[str, torch.Tensor]) -> tuple[dict[str, torch.nn.Paramete
     return ps, torch.optim.RMSprop(list(ps.values()), **HP)
 
 
-def _torch_step(ps: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
-                grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for n, p in ps.items():
-        p.grad = grads[n].clone()
-    opt.step()
-    return {n: p.detach().clone() for n, p in ps.items()}
-
 
 def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     for n, t in want.items():
@@ -73,7 +66,7 @@ def test_hot_steps_take_one_round_trip_and_match_torch(make_server) -> None:
         ps, opt = _reference(w0)
         before = _hot(c, "committed")
         for k in range(20):
-            _same(_ok(step(c, sid, _grads(k))), _torch_step(ps, opt, _grads(k)))
+            _same(_ok(step(c, sid, _grads(k))), torch_step(ps, opt, _grads(k)))
         hot = _hot(c, "committed") - before
         # The first step loads the session (locked path); so do the few that find a
         # background checkpoint still copying its tensors, or the log at its bound.
@@ -88,7 +81,7 @@ def test_hot_path_off_when_its_bound_is_zero(make_server) -> None:
         sid, w0 = _new_session(c)
         ps, opt = _reference(w0)
         for k in range(5):
-            _same(_ok(step(c, sid, _grads(k))), _torch_step(ps, opt, _grads(k)))
+            _same(_ok(step(c, sid, _grads(k))), torch_step(ps, opt, _grads(k)))
         assert _hot(c, "committed") == 0
 
 
@@ -102,7 +95,7 @@ def test_alternating_processes_never_step_a_stale_copy(make_server) -> None:
         ps, opt = _reference(w0)
         for k in range(12):
             c = cx if (k // 2) % 2 == 0 else cy  # two steps each: the second is hot
-            _same(_ok(step(c, sid, _grads(k))), _torch_step(ps, opt, _grads(k)))
+            _same(_ok(step(c, sid, _grads(k))), torch_step(ps, opt, _grads(k)))
         assert _hot(cx, "moved") + _hot(cy, "moved") >= 4
         assert _hot(cx, "committed") + _hot(cy, "committed") >= 4
         # A third process, without the session hot, replays the log to the same bits.
@@ -110,7 +103,7 @@ def test_alternating_processes_never_step_a_stale_copy(make_server) -> None:
         with httpx.Client(base_url=z.url, timeout=30) as cz:
             _same(_ok(cz.get(f"/v1/sessions/{sid}/params")),
                   {n: p.detach() for n, p in ps.items()})
-            _same(_ok(step(cz, sid, _grads(99))), _torch_step(ps, opt, _grads(99)))
+            _same(_ok(step(cz, sid, _grads(99))), torch_step(ps, opt, _grads(99)))
 
 
 def test_a_held_lock_sends_the_hot_step_the_locked_way(make_server, redis_url) -> None:
@@ -119,13 +112,13 @@ def test_a_held_lock_sends_the_hot_step_the_locked_way(make_server, redis_url) -
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         sid, w0 = _new_session(c)
         ps, opt = _reference(w0)
-        _same(_ok(step(c, sid, _grads(0))), _torch_step(ps, opt, _grads(0)))  # now hot
+        _same(_ok(step(c, sid, _grads(0))), torch_step(ps, opt, _grads(0)))  # now hot
         assert r.set(keys.lock(sid), "someone-else", px=1500)
         started = time.monotonic()
-        _same(_ok(step(c, sid, _grads(1))), _torch_step(ps, opt, _grads(1)))
+        _same(_ok(step(c, sid, _grads(1))), torch_step(ps, opt, _grads(1)))
         assert time.monotonic() - started >= 1.0  # it waited for the lock
         assert _hot(c, "locked") == 1
-        _same(_ok(step(c, sid, _grads(2))), _torch_step(ps, opt, _grads(2)))
+        _same(_ok(step(c, sid, _grads(2))), torch_step(ps, opt, _grads(2)))
         assert _hot(c, "committed") >= 1
     r.close()
 
@@ -135,10 +128,10 @@ def test_idempotent_retry_of_a_hot_step_is_a_replay(make_server) -> None:
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         sid, w0 = _new_session(c)
         ps, opt = _reference(w0)
-        _same(_ok(step(c, sid, _grads(0))), _torch_step(ps, opt, _grads(0)))
+        _same(_ok(step(c, sid, _grads(0))), torch_step(ps, opt, _grads(0)))
         h = {"idempotency-key": "hot-1"}
         first = step(c, sid, _grads(1), h)
-        want = _torch_step(ps, opt, _grads(1))
+        want = torch_step(ps, opt, _grads(1))
         _same(_ok(first), want)
         assert _hot(c, "committed") == 1
         again = step(c, sid, _grads(1), h)
@@ -149,7 +142,7 @@ def test_idempotent_retry_of_a_hot_step_is_a_replay(make_server) -> None:
         other = step(c, sid, _grads(2), h)  # the key with another request
         assert other.status_code in (409, 422), other.text
         # The session is still hot-able and exact after the refusals.
-        _same(_ok(step(c, sid, _grads(3))), _torch_step(ps, opt, _grads(3)))
+        _same(_ok(step(c, sid, _grads(3))), torch_step(ps, opt, _grads(3)))
 
 
 def test_concurrent_steps_in_one_process_apply_each_once(make_server) -> None:
@@ -159,7 +152,7 @@ def test_concurrent_steps_in_one_process_apply_each_once(make_server) -> None:
         sid, w0 = _new_session(c)
         ps, opt = _reference(w0)
         _ok(step(c, sid, g))
-        _torch_step(ps, opt, g)
+        torch_step(ps, opt, g)
 
         def one(_: int) -> int:
             with httpx.Client(base_url=srv.url, timeout=60) as ci:
@@ -169,7 +162,7 @@ def test_concurrent_steps_in_one_process_apply_each_once(make_server) -> None:
             codes = list(pool.map(one, range(16)))
         assert codes == [200] * 16
         for _ in range(16):
-            want = _torch_step(ps, opt, g)
+            want = torch_step(ps, opt, g)
         got = _ok(c.get(f"/v1/sessions/{sid}/params"))
         _same(got, want)
         assert c.get(f"/v1/sessions/{sid}").json()["version"] == 17
