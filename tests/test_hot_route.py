@@ -212,3 +212,28 @@ def test_a_stalled_body_on_the_hot_route_is_a_408_and_gives_its_budget_back(
             values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                       if line.startswith(gauge)]
             assert values and sum(values) <= 1  # this scrape itself is in flight
+
+
+def test_keys_and_tenants_are_checked_as_the_stack_checks_them(redis_url: str) -> None:
+    srv = start_thread_server(redis_url=redis_url, kernel="exact",
+                              api_keys="alice:hot-ka,bob:hot-kb")
+    seen = _spy(srv)
+    try:
+        alice = {"authorization": "Bearer hot-ka"}
+        with httpx.Client(base_url=srv.url, timeout=30, headers=alice) as c:
+            sid, ps, opt = _session(c)
+            for k in range(3):  # known to this process now
+                r = step(c, sid, _grads(k))
+                assert r.status_code == 200
+                torch_step(ps, opt, _grads(k))
+            assert len(seen) == 2
+            before = snapshot(c, sid)
+            for headers, status in (({"authorization": "Bearer nope"}, 401),
+                                    ({"authorization": "Basic hot-ka"}, 401),
+                                    ({"authorization": "Bearer hot-kb"}, 404)):
+                r = step(c, sid, _grads(9), headers)
+                assert r.status_code == status, (headers, r.text)
+            assert len(seen) == 2  # none of them reached the route's step
+            assert snapshot(c, sid) == before
+    finally:
+        srv.stop()

@@ -34,9 +34,9 @@ from ..errors import DomainError
 from ..logs import REQUEST, RequestContext
 from ..session import SessionMeta
 from .bodies import timeout_error
-from .deps import DEFAULT_TENANT, decode_tensors, digest
+from .deps import decode_tensors, digest
 from .negotiation import negotiate
-from .observability import REQUEST_ID, record, request_id
+from .observability import REQUEST_ID, CountedSend, record, request_id, tenant_of
 from .problems import internal_error, log
 from .step_path import KnownSessions, checked_refusal, handler_for, step_query, step_route
 from .tensors import apply_step, step_headers, step_response
@@ -136,7 +136,7 @@ class HotStepRoute:
                 or wire.base_type(h.get("content-type")) != _SAFETENSORS \
                 or negotiate(h.get("accept"), _SAFETENSORS) != _SAFETENSORS:
             return None
-        tenant = _tenant(settings, h.get("authorization", ""))
+        tenant = tenant_of(settings, h)
         meta = self.known.get(sid)
         if tenant is None or meta is None or meta.tenant != tenant:
             return None
@@ -178,34 +178,12 @@ class HotStepRoute:
     async def _send(self, scope: Scope, receive: Receive, send: Send, plan: _Plan,
                     response: Response, start: float, received: int) -> None:
         """`response`, with the request id, then its metrics and access-log line."""
-        rid = (REQUEST_ID.encode(), plan.rid.encode())
-        status, sent = 500, 0
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), rid]}
-            else:
-                sent += len(message.get("body", b""))
-            await send(message)
-
+        out = CountedSend(send, plan.rid)
         try:
-            await response(scope, receive, counting_send)
+            await response(scope, receive, out)
         finally:
-            record("POST", self.route.path, status, time.perf_counter() - start, received,
-                   sent)
-
-
-def _tenant(settings: Any, authorization: str) -> str | None:
-    """The tenant of a valid bearer key (None: the stack answers 401)."""
-    if not settings.keys:
-        return DEFAULT_TENANT
-    scheme, _, key = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        return None
-    found: str | None = settings.tenant_for(key.strip())
-    return found
+            record("POST", self.route.path, out.status, time.perf_counter() - start,
+                   received, out.sent)
 
 
 def _replay(chunks: list[bytes], complete: bool, receive: Receive) -> Receive:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,8 +30,9 @@ def request_id(raw: str | None) -> str:
     return secrets.token_hex(8)
 
 
-def _tenant(settings: Settings, headers: dict[str, str]) -> str | None:
-    """The tenant the bearer key names (None: no or an unknown key), for logs only."""
+def tenant_of(settings: Settings, headers: Mapping[str, str]) -> str | None:
+    """The tenant the bearer key names (None: no or an unknown key): for logs, and for
+    `hot_route` to choose its requests (the stack's `deps.tenant` answers the 401s)."""
     if not settings.keys:
         return DEFAULT_TENANT
     scheme, _, key = headers.get("authorization", "").partition(" ")
@@ -53,12 +55,10 @@ class ObservabilityMiddleware:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         method = scope.get("method", "")
         ctx = RequestContext(request_id(headers.get(REQUEST_ID)), method,
-                             _tenant(self.settings, headers), scope)
+                             tenant_of(self.settings, headers), scope)
         token = REQUEST.set(ctx)
-        status = [500]
-        sent = [0]
         received = [0]
-        rid_header = (b"x-request-id", ctx.request_id.encode())
+        out = CountedSend(send, ctx.request_id)
 
         async def counting_receive() -> Message:
             message = await receive()
@@ -68,28 +68,39 @@ class ObservabilityMiddleware:
                 metrics.IN_FLIGHT_BYTES.inc(n)
             return message
 
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), rid_header]}
-            elif message["type"] == "http.response.body":
-                sent[0] += len(message.get("body", b""))
-            await send(message)
-
         metrics.IN_FLIGHT.inc()
         try:
             with tracing.server_span(method, scope.get("path", ""), headers) as span:
                 try:
-                    await self.app(scope, counting_receive, counting_send)
+                    await self.app(scope, counting_receive, out)
                 finally:
-                    tracing.finish_server_span(span, method, ctx.route, status[0],
-                                               failed=status[0] >= 500)
+                    tracing.finish_server_span(span, method, ctx.route, out.status,
+                                               failed=out.status >= 500)
         finally:
             metrics.IN_FLIGHT.dec()
             metrics.IN_FLIGHT_BYTES.dec(received[0])
-            record(method, ctx.route or "unmatched", status[0], time.perf_counter() - start,
-                   received[0], sent[0])
+            record(method, ctx.route or "unmatched", out.status, time.perf_counter() - start,
+                   received[0], out.sent)
             REQUEST.reset(token)
+
+
+class CountedSend:
+    """`send` with the request id added to the response's headers; the status and the body
+    bytes that went out are kept for the request's metrics (also `hot_route`'s)."""
+
+    def __init__(self, send: Send, rid: str) -> None:
+        self.send = send
+        self.rid = (REQUEST_ID.encode(), rid.encode())
+        self.status = 500
+        self.sent = 0
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            message = {**message, "headers": [*message.get("headers", []), self.rid]}
+        elif message["type"] == "http.response.body":
+            self.sent += len(message.get("body", b""))
+        await self.send(message)
 
 
 def record(method: str, path: str, status: int, elapsed: float, received: int,
