@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .base import ParamState, flat_ok
+from .base import ParamState
 from .hyperparams import RMSpropHyperparams
 
 _WIRE = {torch.float32: "float32", torch.float64: "float64"}
@@ -133,16 +133,16 @@ def _settle(param: Tensor, st: ParamState, key: tuple[bool, bool]) -> _Entry | N
     """The call for these tensors, where the native kernel certainly takes them (as
     `native._usable` decides for a gradient of the parameter's own dtype)."""
     used = _used(param, st, key)
-    if used is None or param.dtype not in _WIRE or param.device.type != "cpu" \
-            or param.numel() == 0 or not flat_ok(param, *used[2:]):
+    # The parameter stands in for its gradient: the gradient's own dtype and alignment are
+    # checked on every step (`step`).
+    if used is None or param.dtype not in _WIRE \
+            or native._usable(param, param, *used[2:]) is None:
         return None
     step = used[1]
     if not isinstance(step, Tensor) or step.dim() != 0 or step.dtype != torch.float32 \
             or step.device.type != "cpu":
         return None
     size = param.element_size()
-    if any(t.data_ptr() % size for t in (param, *used[2:])):
-        return None
     centered, momentum = key
     sa = used[2].data_ptr()
     ga = used[3].data_ptr() if centered else None
