@@ -14,15 +14,10 @@ replayed): that path answers it exactly as before.
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +25,7 @@ from optserve_client import wire
 
 from .. import metrics, tracing
 from ..checks import parse_step_hyperparams
+from ..deadline import deadline
 from ..errors import DomainError
 from ..logs import REQUEST, RequestContext
 from ..session import SessionMeta
@@ -86,7 +82,7 @@ class HotStepRoute:
         metrics.IN_FLIGHT.inc()
         try:
             try:
-                async with _deadline(state.settings.body_timeout_s):
+                async with deadline(state.settings.body_timeout_s):
                     while not complete:
                         message = await receive()
                         if message["type"] != "http.request":
@@ -196,11 +192,3 @@ def _replay(chunks: list[bytes], complete: bool, receive: Receive) -> Receive:
 
     return replayed
 
-
-if sys.version_info >= (3, 11):
-    _deadline = asyncio.timeout
-else:  # pragma: no cover - Python 3.10
-    @asynccontextmanager
-    async def _deadline(seconds: float) -> AsyncIterator[None]:
-        with anyio.fail_after(seconds):
-            yield

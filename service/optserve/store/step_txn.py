@@ -15,6 +15,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import metrics, tracing
+from ..deadline import deadline
 from ..errors import SessionBusy, StoreConflict
 from ..session import SessionMeta
 from . import keys, resp, wal
@@ -50,10 +51,10 @@ async def run_batch(conn: AbstractConnection, commands: Sequence[Sequence[Any]],
     read timeout opens a scope per reply, 15-40 us a batch here. Past the deadline the
     connection is dropped and redis-py's TimeoutError raised, as redis-py would."""
     limit = conn.socket_timeout
-    if limit and _deadline is not None:
+    if limit:
         conn.socket_timeout = None
         try:
-            async with _deadline(limit):
+            async with deadline(limit):
                 return await _run_batch(conn, commands, sent)
         except TimeoutError as exc:
             await conn.disconnect()
@@ -78,10 +79,6 @@ async def _run_batch(conn: AbstractConnection, commands: Sequence[Sequence[Any]]
     except BaseException:
         await conn.disconnect()
         raise
-
-
-# asyncio.timeout (Python 3.11+); on 3.10 redis-py keeps its own timeouts.
-_deadline = getattr(asyncio, "timeout", None)
 
 
 _RELEASE = """
