@@ -155,6 +155,34 @@ def test_a_header_seen_before_decodes_alike_and_is_still_checked() -> None:
             wire.decode_safetensors(bad)
 
 
+def test_a_remembered_encode_header_matches_the_layout_it_was_made_for() -> None:
+    """Encoding remembers headers by names, dtypes, shapes, sizes and metadata: the same
+    layout encodes to what a fresh encode gives; any change of one of them changes it."""
+    import safetensors.numpy
+
+    def fresh(tensors: dict, meta: dict | None = None) -> bytes:
+        wire._HEADS.clear()
+        return wire.encode_safetensors(tensors, meta)
+
+    base = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(2, np.float64)}
+    variants = [
+        (base, None), (base, {"k": "v"}), (base, {"k": "w"}),
+        ({"w": base["w"].reshape(4, 3), "b": base["b"]}, None),
+        ({"w": base["w"].astype(np.float64), "b": base["b"]}, None),
+        ({"b": base["b"], "w": base["w"]}, None),
+        ({"w": base["w"], "c": base["b"]}, None),
+        ({"w": np.arange(6, dtype=np.float32), "b": base["b"]}, None),
+    ]
+    expected = [fresh(t, m) for t, m in variants]
+    assert len(set(expected)) == len(variants)
+    for _ in range(2):  # the second round is served from the remembered headers
+        for (tensors, meta), want in zip(variants, expected, strict=True):
+            got = wire.encode_safetensors(tensors, meta)
+            assert got == want
+            loaded = safetensors.numpy.load(got)
+            assert all(np.array_equal(loaded[n], a) for n, a in tensors.items())
+
+
 def test_requests_go_to_their_origins_pool_with_the_path_and_query() -> None:
     from optserve_client._transport import Urllib3Transport
 

@@ -159,26 +159,24 @@ def encode_safetensors_parts(tensors: Mapping[str, Any],
                              ) -> list[bytes | memoryview]:
     """The safetensors file as pieces (header, then each tensor's own memory), for writers
     that send a list of buffers and so need no joined copy."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
+    specs: list[tuple[str, str, tuple[int, ...], int]] = []
     parts: list[memoryview] = []
-    offset = 0
     for name, value in tensors.items():
         dtype, shape, data = _raw(value)
-        header[name] = {
-            "dtype": _NAME_TO_CODE[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        offset += len(data)
+        specs.append((name, dtype, tuple(shape), len(data)))
         parts.append(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    key = (tuple(specs), tuple(metadata.items()) if metadata else None)
+    prefix = _HEADS.get(key)
+    if prefix is None:
+        prefix = _safetensors_head(specs, metadata)
+        if len(prefix) <= _LAYOUT_HEADER:
+            if len(_HEADS) >= _LAYOUTS_KEPT:
+                _HEADS.clear()
+            _HEADS[key] = prefix
     # Small neighbours are coalesced (one join: one copy), so a body of many small tensors
     # is not many tiny sends.
     out: list[bytes | memoryview] = []
-    run: list[bytes | memoryview] = [struct.pack("<Q", len(head)), head]
+    run: list[bytes | memoryview] = [prefix]
     for view in parts:
         if len(view) < _COALESCE:
             run.append(view)
@@ -190,6 +188,27 @@ def encode_safetensors_parts(tensors: Mapping[str, Any],
     if run:
         out.append(b"".join(run))
     return out
+
+
+def _safetensors_head(specs: list[tuple[str, str, tuple[int, ...], int]],
+                      metadata: Mapping[str, str] | None) -> bytes:
+    """The length prefix and JSON header for tensors of these names, dtypes, shapes, sizes."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape, size in specs:
+        header[name] = {"dtype": _NAME_TO_CODE[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    return struct.pack("<Q", len(head)) + head
+
+
+# Encoded headers by the tensors' names, dtypes, shapes and sizes (and the metadata): a
+# session's parameters have the same header at every step.
+_HEADS: dict[tuple[Any, ...], bytes] = {}
 
 
 def encode(tensors: Mapping[str, Any], content_type: str,
