@@ -83,6 +83,13 @@ def live_server(redis_url: str) -> Iterator[str]:
 def fused_server(redis_url: str) -> Iterator[str]:
     """The same, with the opt-in torch.compile'd kernel."""
     srv = start_thread_server(redis_url=redis_url, kernel="compiled", lock_timeout_s=5.0)
+    # torch.compiler.is_compiling() is one flag for the whole process, True while any thread
+    # compiles: torch.optim's own Adagrad then computes its decayed lr in float32 tensors.
+    # The tests' local reference runs in this process, so it must not overlap the server's
+    # start-up compile (the probe, in the background).
+    for thread in threading.enumerate():
+        if thread.name == "optserve-probe":
+            thread.join(timeout=600)
     yield srv.url
     srv.stop()
 

@@ -100,7 +100,8 @@ def probe(device: torch.device | str = "cpu") -> str | None:
     hp = opt.hyperparams()
     dev = torch.device(device)
     try:
-        _build(opt, hp, _key(opt, hp, torch.float32, dev))
+        with _LOCK:  # dynamo is not thread-safe: two compiles at once left its process-wide
+            _build(opt, hp, _key(opt, hp, torch.float32, dev))  # "compiling" flag set
     except Exception as exc:  # any failure of the compiler stack: the exact path serves
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         _UNAVAILABLE[dev.type] = reason
