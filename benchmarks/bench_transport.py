@@ -5,7 +5,8 @@ POST with the body it received. We time one round trip of a ``--mb`` MB body (de
 about one step of a 10M-parameter float32 model) through:
 
 - ``http.client``        one persistent HTTPConnection: the baseline
-- ``sdk transport``      ``optserve_client.Urllib3Transport.send`` (what Client uses)
+- ``sdk transport``      ``optserve_client.SocketTransport.send`` (what Client uses)
+- ``urllib3 transport``  ``optserve_client.Urllib3Transport.send`` (https://, and before)
 - ``sdk async``          ``AsyncClient``'s default transport (the same, in a thread pool)
 - ``sdk Client.step``    the whole step: safetensors encode + transport + decode
 - ``httpx``              ``httpx.Client().post`` for reference (if installed)
@@ -73,12 +74,17 @@ def runners(url: str, body: bytes, with_httpx: bool = True) -> dict[str, Callabl
         resp = conn.getresponse()
         assert len(resp.read()) == len(body)
 
-    transport = oc.Urllib3Transport()
+    transport = oc.SocketTransport()
     request = oc.RawRequest("POST", url + "/echo", headers, body)
     timeout = oc.Timeout(10, 60)
 
     def sdk() -> None:
         assert len(transport.send(request, timeout).body) == len(body)
+
+    u3 = oc.Urllib3Transport()
+
+    def sdk_urllib3() -> None:
+        assert len(u3.send(request, timeout).body) == len(body)
 
     atransport = oc.ThreadedAsyncTransport()
     loop = asyncio.new_event_loop()
@@ -95,6 +101,7 @@ def runners(url: str, body: bytes, with_httpx: bool = True) -> dict[str, Callabl
         assert res.params is not None and res.params["w"].nbytes == len(body)
 
     out: dict[str, Callable[[], Any]] = {"http.client": stdlib, "sdk transport": sdk,
+                                         "urllib3 transport": sdk_urllib3,
                                          "sdk async": sdk_async, "sdk Client.step": sdk_step}
     if with_httpx:
         try:

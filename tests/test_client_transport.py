@@ -60,12 +60,21 @@ def echo() -> Iterator[str]:
     srv.server_close()
 
 
+@pytest.fixture(params=["socket", "urllib3"])
+def transport(request: pytest.FixtureRequest) -> Iterator[oc.Transport]:
+    """Each blocking transport the SDK ships: the default, and urllib3's (https://)."""
+    t = oc.SocketTransport() if request.param == "socket" else oc.Urllib3Transport()
+    yield t
+    t.close()
+
+
 def req(url: str, body: bytes) -> oc.RawRequest:
     return oc.RawRequest("POST", url, {"Content-Type": "application/octet-stream"}, body)
 
 
-def test_large_body_round_trip_into_a_writable_buffer(echo: str) -> None:
-    t = oc.Urllib3Transport()
+def test_large_body_round_trip_into_a_writable_buffer(echo: str, transport: oc.Transport
+                                                      ) -> None:
+    t = transport
     body = np.random.default_rng(0).bytes(8 << 20)
     resp = t.send(req(echo + "/echo", body), oc.Timeout(5, 5))
     assert resp.status == 200 and not memoryview(resp.body).readonly
@@ -73,8 +82,8 @@ def test_large_body_round_trip_into_a_writable_buffer(echo: str) -> None:
     assert resp.headers["x-optserve-version"] == "1"  # header names lower-cased
 
 
-def test_connections_are_reused(echo: str) -> None:
-    t = oc.Urllib3Transport()
+def test_connections_are_reused(echo: str, transport: oc.Transport) -> None:
+    t = transport
     for _ in range(5):
         assert t.send(req(echo + "/echo", b"abc"), oc.Timeout(5, 5)).body == b"abc"
     assert Echo.connections == 1
@@ -84,25 +93,25 @@ def test_connections_are_reused(echo: str) -> None:
     assert Echo.connections == 2
 
 
-def test_chunked_responses(echo: str) -> None:
-    t = oc.Urllib3Transport()
+def test_chunked_responses(echo: str, transport: oc.Transport) -> None:
+    t = transport
     body = bytes(range(256)) * 50
     assert t.send(req(echo + "/chunked", body), oc.Timeout(5, 5)).body == body
 
 
-def test_connection_refused_is_never_sent() -> None:
+def test_connection_refused_is_never_sent(transport: oc.Transport) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(oc.APIConnectionError) as exc:
-        oc.Urllib3Transport().send(req(f"http://127.0.0.1:{port}/x", b""), oc.Timeout(1, 1))
+        transport.send(req(f"http://127.0.0.1:{port}/x", b""), oc.Timeout(1, 1))
     assert exc.value.request_sent is False
     assert not isinstance(exc.value, oc.APITimeoutError)
 
 
-def test_read_timeout(echo: str) -> None:
+def test_read_timeout(echo: str, transport: oc.Transport) -> None:
     with pytest.raises(oc.APITimeoutError) as exc:
-        oc.Urllib3Transport().send(req(echo + "/slow", b"x"), oc.Timeout(1, 0.2))
+        transport.send(req(echo + "/slow", b"x"), oc.Timeout(1, 0.2))
     assert exc.value.request_sent is True
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from ._base import DEFAULT_BASE_URL, __version__
 from ._results import Session, StepResult
 from ._retry import RetryPolicy
+from ._socket_transport import SocketTransport
 from ._transport import RawRequest, RawResponse, Timeout, Transport, Urllib3Transport
 from .async_client import AsyncClient, AsyncTransport, ThreadedAsyncTransport
 from .client import Client
@@ -40,7 +41,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Client", "AsyncClient", "Session", "StepResult", "Timeout", "RetryPolicy",
-    "Transport", "AsyncTransport", "Urllib3Transport", "ThreadedAsyncTransport",
+    "Transport", "AsyncTransport", "SocketTransport", "Urllib3Transport", "ThreadedAsyncTransport",
     "RawRequest", "RawResponse", "RMSprop", "AdaGrad", "SGD", "PRESETS", "TORCH_DEFAULTS",
     "DEFAULT_BASE_URL", "export_torch_state_dict", "from_torch_state_dict",
     "session_from_torch", "to_torch_state_dict", "__version__",

@@ -1,11 +1,12 @@
 """The asyncio client: `Client`'s API with ``async def``, the same requests and retry policy.
 
-The default transport runs the urllib3 transport in a private thread pool instead of using
-an asyncio HTTP stack: the pure-Python async stacks (httpx/h11, asyncio streams) move large
-tensor bodies several times slower, while a blocking ``sendall``/``readinto`` releases the
-GIL and runs at http.client speed. One thread per in-flight request, ``max_connections``
-at most. A cancelled call stops waiting at once; its request still finishes in its thread
-(a cancelled step may therefore be applied, exactly as a step whose response was lost).
+The default transport runs the blocking transport (`SocketTransport`) in a private thread
+pool instead of using an asyncio HTTP stack: the pure-Python async stacks (httpx/h11, asyncio
+streams) move large tensor bodies several times slower, while a blocking
+``sendall``/``recv_into`` releases the GIL and runs at socket speed. One thread per in-flight
+request, ``max_connections`` at most. A cancelled call stops waiting at once; its request
+still finishes in its thread (a cancelled step may therefore be applied, exactly as a step
+whose response was lost).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ._base import BaseClient
 from ._codec import ArrayKind
 from ._requests import Call
 from ._results import Session, StepResult
-from ._transport import RawRequest, RawResponse, Timeout, Transport, Urllib3Transport
+from ._socket_transport import SocketTransport
+from ._transport import RawRequest, RawResponse, Timeout, Transport
 from .errors import APIConnectionError, OptserveError
 
 log = logging.getLogger("optserve_client")
@@ -40,7 +42,7 @@ class ThreadedAsyncTransport:
     def __init__(self, transport: Transport | None = None, *, max_connections: int = 32
                  ) -> None:
         self._max_connections = max_connections
-        self._transport = transport or Urllib3Transport(max_connections=max_connections)
+        self._transport = transport or SocketTransport(max_connections=max_connections)
         self._executor = ThreadPoolExecutor(max_workers=max_connections,
                                             thread_name_prefix="optserve-http")
 

@@ -11,7 +11,8 @@ from ._base import BaseClient
 from ._codec import ArrayKind
 from ._requests import Call
 from ._results import Session, StepResult
-from ._transport import RawRequest, RawResponse, Urllib3Transport
+from ._socket_transport import SocketTransport
+from ._transport import RawRequest, RawResponse
 from .errors import APIConnectionError, OptserveError
 
 log = logging.getLogger("optserve_client")
@@ -25,13 +26,14 @@ class Client(BaseClient):
     ``$OPTSERVE_API_KEY``. ``timeout`` is seconds (or ``(connect, read)``); a sync-mode step
     waits for its round, so give it more than the round's ``timeout_s``. ``transport`` is
     any object with ``send(RawRequest, Timeout) -> RawResponse`` and ``close()`` (tests
-    inject faults there); the default is `Urllib3Transport`.
+    inject faults there); the default is `SocketTransport` (``https://`` through
+    `Urllib3Transport`).
 
     A client pickles (Ray tasks and actors, multiprocessing) and deep-copies: the copy keeps
     the configuration and opens its own connections; a custom transport must pickle too.
     """
 
-    _default_transport = Urllib3Transport
+    _default_transport = SocketTransport
     _sleep_in = time
 
     # ------------------------------------------------------------------ lifecycle
