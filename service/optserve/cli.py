@@ -100,14 +100,18 @@ def _drop_metrics_dir(directory: str | None, ours: bool) -> None:
 
 def fast_io() -> dict[str, str]:
     """uvloop and httptools when installed (less work per request than asyncio's own loop
-    and the pure-Python h11 parser), else those two: uvicorn's choice, made explicit."""
+    and the pure-Python h11 parser), else those two: uvicorn's choice, made explicit. The
+    HTTP protocol is uvicorn's, with no write buffer (`api/http_protocol.py`: a response's
+    tensors are never handed back while the transport still holds their bytes)."""
     import importlib.util
+
+    from .api.http_protocol import protocol_path
 
     def have(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
 
     return {"loop": "uvloop" if have("uvloop") else "asyncio",
-            "http": "httptools" if have("httptools") else "h11"}
+            "http": protocol_path("httptools" if have("httptools") else "h11")}
 
 
 # OpenMP's threads (torch's and the native kernel's) spin for a while after each parallel

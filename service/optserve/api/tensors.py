@@ -78,6 +78,10 @@ def _encoder(kind: str) -> Any:
     return lambda tensors: [wire.encode_json(tensors)]
 
 
+# Answers up to this size are joined into one buffer: a copy is cheaper than a send each.
+JOIN_BELOW = 128 * 1024
+
+
 class TensorResponse(Response):
     """A body sent as its parts (header, then each tensor's own memory), without a join."""
 
@@ -92,10 +96,16 @@ class TensorResponse(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
-            last = len(self.parts) - 1
-            for i, part in enumerate(self.parts):
-                await send({"type": "http.response.body", "body": part,
-                            "more_body": i < last})
+            parts = self.parts
+            if sum(map(len, parts)) <= JOIN_BELOW:  # one copy, one send, nothing lent out
+                await send({"type": "http.response.body", "body": b"".join(parts)})
+                return
+            for part in parts:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            # Returns once the server took every byte above (with `optserve serve`'s
+            # protocol, api/http_protocol.py: once the transport holds none of them): only
+            # then may `after_send` hand the tensors to the next step.
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if self.after_send is not None:
                 self.after_send()

@@ -1,0 +1,80 @@
+"""A response's tensor memory is handed back only after the transport took every byte.
+
+`TensorResponse` sends tensors from their own memory and then calls `after_send` (the
+service gives the tensors back to the session cache there, where the next step changes
+them in place). uvloop keeps unsent bytes by reference, so `optserve serve` runs uvicorn's
+protocol with no write buffer (`api/http_protocol.py`) and the response ends with an empty
+message that waits for the transport to drain."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+from optserve.api.http_protocol import protocol_path
+from optserve.api.tensors import JOIN_BELOW, TensorResponse
+from optserve.store.embedded import free_port
+
+SIZE = 16 << 20
+memory = bytearray(SIZE)
+
+
+async def app(scope: dict, receive: object, send: object) -> None:
+    if scope["type"] != "http":
+        return
+    n = SIZE if scope["path"] == "/big" else 1000
+    memory[:n] = b"A" * n
+
+    def next_step() -> None:  # what the cache's next step would do to the tensors
+        memory[:n] = b"B" * n
+
+    parts = [b"head", memoryview(memory)[:n]]
+    await TensorResponse(parts, "application/octet-stream", {}, after_send=next_step)(
+        scope, receive, send)
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def server(request: pytest.FixtureRequest) -> Iterator[str]:
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            http=protocol_path(request.param), lifespan="off")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(5)
+
+
+def _get(addr: str, path: str, pause: float) -> bytes:
+    host, port = addr.split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        time.sleep(pause)  # a slow reader: the server cannot hand everything to the kernel
+        data = bytearray()
+        while chunk := s.recv(1 << 20):
+            data += chunk
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    return body
+
+
+def test_a_large_answer_is_sent_whole_before_its_memory_is_given_back(server: str) -> None:
+    body = _get(server, "/big", pause=0.5)
+    assert len(body) == 4 + SIZE
+    assert body[4:].count(b"B") == 0  # nothing of the "next step" reached the client
+    assert body[:4] == b"head"
+
+
+def test_a_small_answer_is_joined_and_intact(server: str) -> None:
+    assert JOIN_BELOW >= 1004
+    assert _get(server, "/small", pause=0.0) == b"head" + b"A" * 1000
