@@ -1,13 +1,14 @@
-"""A response's tensor memory is handed back only after the transport took every byte.
+"""A response's tensor memory is changed only after the transport took every byte.
 
-`TensorResponse` sends tensors from their own memory and then calls `after_send` (the
-service gives the tensors back to the session cache there, where the next step changes
-them in place). uvloop keeps unsent bytes by reference, so `optserve serve` runs uvicorn's
-protocol with no write buffer (`api/http_protocol.py`) and the response ends with an empty
-message that waits for the transport to drain."""
+`TensorResponse` sends tensors from their own memory, then hands them back (`after_send`,
+with an event the next step waits for before changing them, `Loaded.settled`). uvloop keeps
+unsent bytes by reference, so `optserve serve` runs uvicorn's protocol with no write buffer
+(`api/http_protocol.py`) and the event is set when the response's closing message returns:
+when the transport holds none of the bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from optserve.store.embedded import free_port
 
 SIZE = 16 << 20
 memory = bytearray(SIZE)
+tasks: set[asyncio.Future[None]] = set()
 
 
 async def app(scope: dict, receive: object, send: object) -> None:
@@ -30,8 +32,15 @@ async def app(scope: dict, receive: object, send: object) -> None:
     n = SIZE if scope["path"] == "/big" else 1000
     memory[:n] = b"A" * n
 
-    def next_step() -> None:  # what the cache's next step would do to the tensors
-        memory[:n] = b"B" * n
+    def next_step(sending: asyncio.Event | None = None) -> None:
+        """The tensors go back to the cache: the next step changes them once no response
+        holds their bytes (`Loaded.settled`)."""
+        async def step() -> None:
+            if sending is not None:
+                await sending.wait()
+            memory[:n] = b"B" * n
+
+        tasks.add(asyncio.ensure_future(step()))
 
     parts = [b"head", memoryview(memory)[:n]]
     await TensorResponse(parts, "application/octet-stream", {}, after_send=next_step)(
@@ -68,7 +77,7 @@ def _get(addr: str, path: str, pause: float) -> bytes:
     return body
 
 
-def test_a_large_answer_is_sent_whole_before_its_memory_is_given_back(server: str) -> None:
+def test_a_large_answer_is_sent_whole_before_its_memory_changes(server: str) -> None:
     body = _get(server, "/big", pause=0.5)
     assert len(body) == 4 + SIZE
     assert body[4:].count(b"B") == 0  # nothing of the "next step" reached the client

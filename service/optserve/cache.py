@@ -7,6 +7,7 @@ response is sent, so no two steps ever share tensors.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -41,6 +42,15 @@ class Loaded:
         default_factory=dict, repr=False, compare=False)
     # The native kernel's settled calls for these tensors (optim/native_fast.py).
     kernel_memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Set once the response that sent these parameters from their own memory is wholly
+    # with the kernel (api/tensors.py): until then nothing may change them in place.
+    sending: asyncio.Event | None = field(default=None, repr=False, compare=False)
+
+    async def settled(self) -> None:
+        """Wait until no response still holds the parameters' bytes (then change them)."""
+        if self.sending is not None:
+            await self.sending.wait()
+            self.sending = None
 
     def wire_params(self) -> Mapping[str, WireTensor | torch.Tensor]:
         """The parameters for a response body: CPU tensors as WireTensors over their own

@@ -9,6 +9,7 @@ tensors never outlive a step that was not committed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -60,7 +61,7 @@ class StepOutcome:
     stats: dict[str, float | None] = field(default_factory=dict)
     # Called once the response is sent: gives the step's tensors back to the cache (the
     # body may point into them, so no other step may touch them before).
-    after_send: Callable[[], None] | None = None
+    after_send: Callable[..., None] | None = None
 
 
 class Engine:
@@ -140,6 +141,7 @@ class Engine:
         await self.checkpoints.wait_copy(sid)
         cached = self.cache.take(sid, version, txn.nonce)
         if cached is not None:
+            await cached.settled()
             return cached
         loaded = await self.checkpoints.load_locked(meta, version, txn)
         loaded.nonce = txn.nonce
@@ -323,13 +325,16 @@ class Engine:
                 opt, hp, loaded, grads, count=len(grads), nbytes=nbytes)
         return stats
 
-    def give_back(self, sid: str, loaded: Loaded) -> Callable[[], None]:
+    def give_back(self, sid: str, loaded: Loaded) -> Callable[..., None]:
         """What runs once a step's response is sent: its tensors (taken out of the cache
-        for the step) go back, or to a background checkpoint when the log is long enough."""
+        for the step) go back, or to a background checkpoint when the log is long enough.
+        ``sending``: set once the transport holds none of the response's bytes; the next
+        step waits for it before changing the tensors (`Loaded.settled`)."""
         assert loaded.log_steps is not None
         background = self.checkpoints.due(loaded.log_steps, loaded.log_bytes)
 
-        def after_send() -> None:
+        def after_send(sending: asyncio.Event | None = None) -> None:
+            loaded.sending = sending
             if not (background and self.checkpoints.start(sid, loaded)):
                 self.cache.put(sid, loaded)
 

@@ -72,6 +72,7 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
     if not _usable(engine, item, meta, grads, logged, if_match, base_version):
         engine.cache.put(sid, item)
         return None
+    await item.settled()
     started = time.perf_counter()
     m = item.meta
     assert m is not None and item.log_steps is not None

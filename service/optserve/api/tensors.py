@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Mapping
@@ -93,6 +94,8 @@ class TensorResponse(Response):
         self.headers["content-length"] = str(sum(len(p) for p in parts))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        after_send, self.after_send = self.after_send, None
+        drained: asyncio.Event | None = None
         try:
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
@@ -102,13 +105,20 @@ class TensorResponse(Response):
                 return
             for part in parts:
                 await send({"type": "http.response.body", "body": part, "more_body": True})
-            # Returns once the server took every byte above (with `optserve serve`'s
-            # protocol, api/http_protocol.py: once the transport holds none of them): only
-            # then may `after_send` hand the tensors to the next step.
+            # The server may still hold some of the parts' bytes, by reference (uvloop
+            # does): the tensors go back now, marked as lent until the closing message
+            # returns (with `optserve serve`'s protocol, api/http_protocol.py: once the
+            # transport holds none of them); the next step waits for that.
+            if after_send is not None:
+                drained = asyncio.Event()
+                after_send(drained)
+                after_send = None
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            if self.after_send is not None:
-                self.after_send()
+            if drained is not None:
+                drained.set()  # sent, or the connection is gone (its buffer with it)
+            if after_send is not None:
+                after_send()
 
 
 @router.get("/params", response_class=Response, responses=_TENSOR_RESPONSE)
