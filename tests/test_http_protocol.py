@@ -87,3 +87,19 @@ def test_a_large_answer_is_sent_whole_before_its_memory_changes(server: str) -> 
 def test_a_small_answer_is_joined_and_intact(server: str) -> None:
     assert JOIN_BELOW >= 1004
     assert _get(server, "/small", pause=0.0) == b"head" + b"A" * 1000
+
+
+def test_a_step_waits_briefly_for_lent_tensors_then_leaves_them_to_the_reader() -> None:
+    from optserve.cache import Loaded
+
+    async def main() -> tuple[bool, bool, bool]:
+        item = Loaded(version=1, params={}, state={})
+        assert await item.settled(0.01)  # never lent
+        item.sending = asyncio.Event()
+        slow = await item.settled(0.05)  # a reader that never takes the bytes
+        item.sending = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.02, item.sending.set)
+        drained = await item.settled(1.0)  # the transport lets go in time
+        return slow, drained, item.sending is None
+
+    assert asyncio.run(main()) == (False, True, True)

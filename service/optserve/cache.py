@@ -21,6 +21,10 @@ from optserve_client.wire import WireTensor
 from . import metrics
 from .session import SessionMeta
 
+# How long a step waits for a slow reader's response to let go of the tensors it was sent
+# from before it rebuilds the session from Redis instead (a reader never stalls a session).
+LENT_WAIT_S = 1.0
+
 
 @dataclass
 class Loaded:
@@ -46,11 +50,19 @@ class Loaded:
     # with the kernel (api/tensors.py): until then nothing may change them in place.
     sending: asyncio.Event | None = field(default=None, repr=False, compare=False)
 
-    async def settled(self) -> None:
-        """Wait until no response still holds the parameters' bytes (then change them)."""
-        if self.sending is not None:
-            await self.sending.wait()
+    async def settled(self, timeout_s: float = LENT_WAIT_S) -> bool:
+        """Whether the parameters may be changed: no response still holds their bytes, or
+        it let go within `timeout_s`. False: a reader is slow; the caller leaves these
+        tensors to that response and rebuilds the session from Redis instead."""
+        if self.sending is None or self.sending.is_set():
             self.sending = None
+            return True
+        try:
+            await asyncio.wait_for(self.sending.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        self.sending = None
+        return True
 
     def wire_params(self) -> Mapping[str, WireTensor | torch.Tensor]:
         """The parameters for a response body: CPU tensors as WireTensors over their own

@@ -59,8 +59,9 @@ class StepOutcome:
     body: Body | None
     replayed: bool = False
     stats: dict[str, float | None] = field(default_factory=dict)
-    # Called once the response is sent: gives the step's tensors back to the cache (the
-    # body may point into them, so no other step may touch them before).
+    # Called once the response is handed to the server: gives the step's tensors back to
+    # the cache, with an event set once the server holds none of the body's bytes (the body
+    # may point into them: no step changes them before, `Loaded.settled`).
     after_send: Callable[..., None] | None = None
 
 
@@ -140,8 +141,7 @@ class Engine:
         sid = meta.id
         await self.checkpoints.wait_copy(sid)
         cached = self.cache.take(sid, version, txn.nonce)
-        if cached is not None:
-            await cached.settled()
+        if cached is not None and await cached.settled():
             return cached
         loaded = await self.checkpoints.load_locked(meta, version, txn)
         loaded.nonce = txn.nonce

@@ -72,7 +72,8 @@ async def try_step(engine: Engine, meta: SessionMeta, grads: dict[str, WireTenso
     if not _usable(engine, item, meta, grads, logged, if_match, base_version):
         engine.cache.put(sid, item)
         return None
-    await item.settled()
+    if not await item.settled():
+        return None  # the tensors stay with a slow reader's response; the locked path rebuilds
     started = time.perf_counter()
     m = item.meta
     assert m is not None and item.log_steps is not None

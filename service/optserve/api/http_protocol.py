@@ -6,9 +6,10 @@ session changes them in place. uvloop keeps bytes the socket did not take yet by
 so with a large answer (or a slow reader) the client could receive part of the *next*
 version's parameters under this version's header. With a write-buffer high-water mark of 0,
 any unsent byte pauses the protocol, and uvicorn waits for the transport to be empty before
-it takes the next message; `TensorResponse` ends with an empty message, so it returns (and
-gives the tensors back) only once every byte is with the kernel. Small answers are joined
-into one buffer first (`api/tensors.py`), which also saves a send per answer.
+it takes the next message; `TensorResponse` ends with an empty message, which so returns
+only once every byte is with the kernel, and until then the tensors are marked lent (the
+next step waits for them, `Loaded.settled`). Small answers are joined into one buffer first
+(`api/tensors.py`), which also saves a send per answer.
 """
 
 from __future__ import annotations
