@@ -140,8 +140,10 @@ def test_framing_characters_never_reach_the_wire(scripted) -> None:
         t.send(post(url + "/x", **{"Idempotency-Key": "k\r\nX-Evil: 1"}), oc.Timeout(5, 5))
     ok = t.send(post(url + "/a b?c=d e"), oc.Timeout(5, 5))  # urllib3 encodes the spaces
     assert ok.status == 200
+    assert t.send(post(url + "/é"), oc.Timeout(5, 5)).status == 200  # and non-ASCII
     assert not any(b"X-Evil" in h for h in heads)
-    assert heads[-1].split(b"\r\n")[0] == b"POST /a%20b?c=d%20e HTTP/1.1"
+    assert heads[-2].split(b"\r\n")[0] == b"POST /a%20b?c=d%20e HTTP/1.1"
+    assert heads[-1].split(b"\r\n")[0] == b"POST /%C3%A9 HTTP/1.1"
 
 
 def test_https_goes_to_urllib3_and_the_transport_pickles(monkeypatch) -> None:

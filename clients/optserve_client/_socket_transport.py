@@ -224,8 +224,8 @@ def _parse_origin(origin: str) -> tuple[str, int, str] | None:
 
 def _unsafe(path: str, headers: dict[str, str]) -> bool:
     """Whether the path or a header holds what would break the request's framing."""
-    if any(c in path for c in " \r\n"):
-        return True
+    if not path.isascii() or any(c in path for c in " \t\r\n"):
+        return True  # urllib3 percent-encodes such a path
     return any("\r" in s or "\n" in s for kv in headers.items() for s in kv)
 
 
