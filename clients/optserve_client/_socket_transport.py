@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ._transport import RawRequest, RawResponse, Timeout, Urllib3Transport
+from ._transport import Origins, RawRequest, RawResponse, Timeout, Urllib3Transport
 from .errors import APIConnectionError, APITimeoutError
 
 MAX_HEAD = 64 * 1024  # status line and headers
@@ -72,21 +72,11 @@ class SocketTransport:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._lock = threading.Lock()
         self._fallback: Urllib3Transport | None = None
-        self._origins: dict[str, tuple[str, int, str] | None] = {}
-
-    # ----------------------------------------------------------------------- routing
-    def _route(self, url: str) -> tuple[tuple[str, int, str] | None, str]:
-        """(host, port, Host header) for a plain-http URL, else None; and the path."""
-        start = url.find("/", url.find("://") + 3) if "://" in url else -1
-        origin, path = (url, "/") if start < 0 else (url[:start], url[start:])
-        if origin not in self._origins:
-            self._origins[origin] = _parse_origin(origin)
-            if len(self._origins) > 64:
-                self._origins.pop(next(iter(self._origins)))
-        return self._origins[origin], path
+        # (host, port, Host header) of plain-http origins; None: urllib3 serves it
+        self._origins = Origins(_parse_origin)
 
     def send(self, request: RawRequest, timeout: Timeout) -> RawResponse:
-        where, path = self._route(request.url)
+        where, path = self._origins.split(request.url)
         if where is None or _unsafe(path, request.headers):
             return self._other().send(request, timeout)  # it encodes or refuses them
         host, port, host_header = where
@@ -199,6 +189,7 @@ class SocketTransport:
 
 
 def _parse_origin(origin: str) -> tuple[str, int, str] | None:
+    """(host, port, Host header) of a plain-http origin, else None."""
     scheme, sep, rest = origin.partition("://")
     if not sep or scheme.lower() != "http" or not rest or "@" in rest:
         return None

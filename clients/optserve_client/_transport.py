@@ -1,16 +1,20 @@
-"""The HTTP layer: the request/response records, the `Transport` protocol, and the default
-transport (urllib3 over http.client, bodies read into one buffer without copies)."""
+"""The HTTP layer: the request/response records, the `Transport` protocol, per-origin facts
+parsed once (`Origins`), and the urllib3 transport (over http.client, bodies read into one
+buffer without copies; `https://`, see `_socket_transport` for the default)."""
 
 from __future__ import annotations
 
 import http.client
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import urllib3
 
 from .errors import APIConnectionError, APITimeoutError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ class Transport(Protocol):
 
 
 class Urllib3Transport:
-    """The default transport: urllib3's pool over http.client, bodies read without copies.
+    """urllib3's pool over http.client, bodies read without copies (`https://`, and the
+    default before `SocketTransport`).
 
     httpx (through h11) moves large bodies several times slower than http.client. urllib3
     hands each body part to ``sendall`` (a list body: the tensors' own memory, no join)
@@ -77,7 +82,7 @@ class Urllib3Transport:
         # block=False: a burst beyond max_connections opens extra connections, not a queue
         self._pool = urllib3.PoolManager(num_pools=8, maxsize=max_connections, block=False,
                                          retries=False, **pool_kwargs)
-        self._origins: dict[str, tuple[str | None, int | None, str]] = {}
+        self._origins = Origins(_pool_key)
 
     def send(self, request: RawRequest, timeout: Timeout) -> RawResponse:
         exc_mod = urllib3.exceptions
@@ -119,15 +124,7 @@ class Urllib3Transport:
 
     def _route(self, url: str) -> tuple[Any, str]:
         """The connection pool of `url`'s origin, and its path and query."""
-        start = url.find("/", url.find("://") + 3) if "://" in url else -1
-        origin, path = (url, "/") if start < 0 else (url[:start], url[start:])
-        where = self._origins.get(origin)
-        if where is None:
-            parsed = urllib3.util.parse_url(origin)
-            where = self._origins[origin] = (parsed.host, parsed.port, parsed.scheme or "http")
-            if len(self._origins) > 64:  # many hosts: keep the newest
-                self._origins.pop(next(iter(self._origins)))
-        host, port, scheme = where
+        (host, port, scheme), path = self._origins.split(url)
         return self._pool.connection_from_host(host, port=port, scheme=scheme), path
 
     def close(self) -> None:
@@ -138,6 +135,32 @@ class Urllib3Transport:
 
     def __setstate__(self, settings: dict[str, Any]) -> None:
         self.__init__(**settings)  # type: ignore[misc]
+
+
+class Origins(Generic[T]):
+    """What a transport needs to know of each origin, parsed once: `split(url)` gives it for
+    the URL's origin (scheme and authority) and the URL's path and query."""
+
+    def __init__(self, parse: Callable[[str], T], keep: int = 64) -> None:
+        self._parse = parse
+        self._keep = keep
+        self._known: dict[str, T] = {}
+
+    def split(self, url: str) -> tuple[T, str]:
+        start = url.find("/", url.find("://") + 3) if "://" in url else -1
+        origin, path = (url, "/") if start < 0 else (url[:start], url[start:])
+        try:
+            return self._known[origin], path
+        except KeyError:
+            value = self._known[origin] = self._parse(origin)
+            if len(self._known) > self._keep:  # many hosts: keep the newest
+                self._known.pop(next(iter(self._known)))
+            return value, path
+
+
+def _pool_key(origin: str) -> tuple[str | None, int | None, str]:
+    parsed = urllib3.util.parse_url(origin)
+    return parsed.host, parsed.port, parsed.scheme or "http"
 
 
 def _read_body(resp: Any, method: str) -> bytes | memoryview:
