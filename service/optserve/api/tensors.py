@@ -91,7 +91,8 @@ class TensorResponse(Response):
         super().__init__(None, 200, headers, media_type, background=None)
         self.parts = parts
         self.after_send = after_send
-        self.headers["content-length"] = str(sum(len(p) for p in parts))
+        self.size = sum(map(len, parts))
+        self.headers["content-length"] = str(self.size)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         after_send, self.after_send = self.after_send, None
@@ -100,7 +101,7 @@ class TensorResponse(Response):
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
             parts = self.parts
-            if sum(map(len, parts)) <= JOIN_BELOW:  # one copy, one send, nothing lent out
+            if self.size <= JOIN_BELOW:  # one copy, one send, nothing lent out
                 await send({"type": "http.response.body", "body": b"".join(parts)})
                 return
             for part in parts:
