@@ -27,7 +27,7 @@ def test_a_stalled_block_times_out_within_a_sweep_period() -> None:
         return time.monotonic() - start
 
     waited = asyncio.run(main())
-    assert 0.3 <= waited < 0.3 + dl.PERIOD + 0.3
+    assert 0.3 <= waited < 0.3 + dl.PERIOD + 1.0  # never early; late by a sweep (and load)
 
 
 def test_a_block_in_time_is_left_alone_and_the_sweep_stops_when_idle() -> None:
@@ -71,10 +71,12 @@ def test_nested_deadlines_the_inner_expires_and_the_outer_goes_on() -> None:
 
 
 def test_many_concurrent_deadlines_only_the_late_ones_fire() -> None:
+    # A loop stalled past a deadline (a busy machine) times out even the quick blocks, as
+    # asyncio.timeout would: the margin between the two kinds is wide for that reason.
     async def one(i: int) -> str:
         try:
-            async with dl.deadline(0.3):
-                await asyncio.sleep(0.05 if i % 2 else 5)
+            async with dl.deadline(1.5):
+                await asyncio.sleep(0.01 if i % 2 else 30)
             return "done"
         except TimeoutError:
             return "timeout"
