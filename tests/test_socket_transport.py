@@ -64,7 +64,7 @@ def scripted() -> Iterator[Callable[[Handler], str]]:
         s.close()
 
 
-def post(url: str, body: bytes = b"abc", **headers: str) -> oc.RawRequest:
+def post(url: str, body: object = b"abc", **headers: str) -> oc.RawRequest:
     return oc.RawRequest("POST", url, {"Content-Type": "application/octet-stream", **headers},
                          body)
 
@@ -166,12 +166,14 @@ def test_idle_connections_are_bounded_and_reused(scripted) -> None:
 
     def handler(conn: socket.socket) -> None:
         accepted.append(1)
-        while _read_request(conn):
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        while got := _read_request(conn):
+            answer = b"ok" if got.endswith(b"\r\n\r\nabc") else b"no"
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n" + answer)
 
     url = scripted(handler)
     t = oc.SocketTransport(max_connections=1)
-    for _ in range(20):
-        assert bytes(t.send(post(url + "/x"), oc.Timeout(5, 5)).body) == b"ok"
+    bodies = [b"abc", bytearray(b"abc"), memoryview(b"abc"), [b"a", memoryview(b"bc")]]
+    for i in range(20):
+        assert bytes(t.send(post(url + "/x", bodies[i % 4]), oc.Timeout(5, 5)).body) == b"ok"
     assert len(accepted) == 1
     t.close()

@@ -155,8 +155,9 @@ class SocketTransport:
     def _write(sock: socket.socket, request: RawRequest, path: str, host: str) -> None:
         body = request.body
         parts: list[bytes | memoryview] = (
-            [] if body is None else [body] if isinstance(body, (bytes, bytearray)) else
-            [memoryview(p).cast("B") for p in body])
+            [] if body is None else
+            [memoryview(body).cast("B")] if isinstance(body, (bytes, bytearray, memoryview))
+            else [memoryview(p).cast("B") for p in body])
         size = sum(len(p) for p in parts)
         lines = [f"{request.method} {path} HTTP/1.1", f"Host: {host}"]
         for name, value in request.headers.items():
