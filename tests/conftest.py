@@ -56,14 +56,14 @@ class ThreadServer:
 def start_thread_server(**settings: Any) -> ThreadServer:
     import uvicorn
 
-    from optserve.api.http_protocol import protocol_path
+    from optserve.api.http_protocol import protocol_class
     from optserve.app import create_app
     from optserve.settings import Settings
 
     port = free_port()
     app = create_app(Settings(**settings))
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on", http=protocol_path("httptools"))  # as serve runs
+                            lifespan="on", http=protocol_class("httptools"))  # as serve runs
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import uvicorn
 
-from optserve.api.http_protocol import protocol_path
+from optserve.api.http_protocol import protocol_class
 from optserve.api.tensors import JOIN_BELOW, TensorResponse
 from optserve.store.embedded import free_port
 
@@ -51,7 +51,7 @@ async def app(scope: dict, receive: object, send: object) -> None:
 def server(request: pytest.FixtureRequest) -> Iterator[str]:
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            http=protocol_path(request.param), lifespan="off")
+                            http=protocol_class(request.param), lifespan="off")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .startup import ConfigError, check, load_settings
 
@@ -98,20 +98,20 @@ def _drop_metrics_dir(directory: str | None, ours: bool) -> None:
             del os.environ[MULTIPROC_ENV]
 
 
-def fast_io() -> dict[str, str]:
+def fast_io() -> dict[str, Any]:
     """uvloop and httptools when installed (less work per request than asyncio's own loop
     and the pure-Python h11 parser), else those two: uvicorn's choice, made explicit. The
     HTTP protocol is uvicorn's, with no write buffer (`api/http_protocol.py`: a response's
     tensors are never handed back while the transport still holds their bytes)."""
     import importlib.util
 
-    from .api.http_protocol import protocol_path
+    from .api.http_protocol import protocol_class
 
     def have(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
 
     return {"loop": "uvloop" if have("uvloop") else "asyncio",
-            "http": protocol_path("httptools" if have("httptools") else "h11")}
+            "http": protocol_class("httptools" if have("httptools") else "h11")}
 
 
 # OpenMP's threads (torch's and the native kernel's) spin for a while after each parallel

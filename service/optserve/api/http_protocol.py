@@ -47,7 +47,9 @@ class H11NoBuffer(H11Protocol):
         _no_write_buffer(transport)
 
 
-def protocol_path(parser: str) -> str:
-    """The import path of the protocol class for uvicorn's ``http`` setting."""
-    name = "HttpToolsNoBuffer" if parser == "httptools" else "H11NoBuffer"
-    return f"{__name__}:{name}"
+def protocol_class(parser: str) -> type[asyncio.Protocol]:
+    """The protocol class for uvicorn's ``http`` setting (a class: uvicorn 0.30, the floor,
+    takes no import path there)."""
+    if parser == "httptools" and HttpToolsProtocol is not None:
+        return HttpToolsNoBuffer
+    return H11NoBuffer
